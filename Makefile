@@ -1,0 +1,28 @@
+# Two commands set up everything on a fresh machine:  `make demo`  and  `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test bench venv clean
+
+$(STAMP): pyproject.toml constraints-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints-dev.txt torch==2.13.0
+	$(PY) -m pip install -q -c constraints-dev.txt -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)  ## offline LoRA fine-tune of all-MiniLM-L6-v2 for sentiment, before/after accuracy
+	HF_HUB_OFFLINE=1 $(PY) -m lorafit.demo
+
+test: $(STAMP)  ## the whole test suite, as CI runs it
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+bench: $(STAMP)  ## lorafit vs PEFT side by side; writes bench/results.json and the README table
+	HF_HUB_OFFLINE=1 $(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) runs
