@@ -1,0 +1,176 @@
+"""`LoraConfig`: which modules get an adapter, of what rank and scale, initialised how.
+
+Field names and meanings follow PEFT's ``LoraConfig`` so an existing ``adapter_config.json`` or a
+PEFT user's keyword arguments carry over unchanged. The config is validated on construction and
+never mutated by lorafit: `wrap` and the adapter files work on copies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional, Union
+
+from .errors import ConfigError
+from .schema import check_keys
+
+BIAS_MODES = ("none", "all", "lora_only")
+ALL_LINEAR = "all-linear"
+# `init_lora_weights` values with a fixed name; "pissa_niter_K" adds the fast randomised SVD.
+INIT_SCHEMES = (True, False, "gaussian", "pissa", "olora")
+_PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
+
+
+def is_valid_init(value: Any) -> bool:
+    return value in INIT_SCHEMES or (isinstance(value, str) and _PISSA_NITER.fullmatch(value) is not None)
+
+
+@dataclass
+class LoraConfig:
+    """Hyper-parameters of one LoRA adapter.
+
+    For a targeted layer with frozen weight W [out, in] the adapter adds ``s · B A`` with
+    A [r, in], B [out, r] and scaling ``s = lora_alpha / r`` (``lora_alpha / sqrt(r)`` with
+    ``use_rslora``, Kalajdzievski 2023). ``rank_pattern`` / ``alpha_pattern`` override r and
+    lora_alpha for modules whose name ends with the (regex) key.
+    """
+
+    r: int = 8
+    lora_alpha: float = 8
+    target_modules: Optional[Union[list[str], str]] = None
+    exclude_modules: Optional[Union[list[str], str]] = None
+    lora_dropout: float = 0.0
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    use_rslora: bool = False
+    modules_to_save: Optional[list[str]] = None
+    init_lora_weights: Union[bool, str] = True
+    layers_to_transform: Optional[Union[list[int], int]] = None
+    layers_pattern: Optional[Union[list[str], str]] = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    use_dora: bool = False
+    task_type: Optional[str] = None
+    base_model_name_or_path: Optional[str] = None
+    inference_mode: bool = False
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0,
+                 "r", self.r, "a positive integer")
+        _require(_is_number(self.lora_alpha) and self.lora_alpha > 0,
+                 "lora_alpha", self.lora_alpha, "a positive number")
+        _require(_is_number(self.lora_dropout) and 0.0 <= self.lora_dropout < 1.0,
+                 "lora_dropout", self.lora_dropout, "a number in [0, 1)")
+        _require(self.bias in BIAS_MODES, "bias", self.bias, f"one of {list(BIAS_MODES)}")
+        _require(is_valid_init(self.init_lora_weights), "init_lora_weights", self.init_lora_weights,
+                 "one of True, False, 'gaussian', 'pissa', 'pissa_niter_K' (K an integer), 'olora'")
+        self.target_modules = _selector("target_modules", self.target_modules)
+        self.exclude_modules = _selector("exclude_modules", self.exclude_modules)
+        if self.modules_to_save is not None:
+            _require(isinstance(self.modules_to_save, (list, tuple))
+                     and all(isinstance(m, str) and m for m in self.modules_to_save),
+                     "modules_to_save", self.modules_to_save, "a list of module names")
+            self.modules_to_save = list(self.modules_to_save)
+        if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
+            self.layers_to_transform = [self.layers_to_transform]
+        if self.layers_to_transform is not None:
+            _require(isinstance(self.layers_to_transform, (list, tuple)) and all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers_to_transform),
+                "layers_to_transform", self.layers_to_transform, "a layer index or a list of indices >= 0")
+            self.layers_to_transform = list(self.layers_to_transform)
+            _require(not isinstance(self.target_modules, str), "layers_to_transform",
+                     self.layers_to_transform, "a list-valued target_modules (a regex target selects layers itself)")
+        if isinstance(self.layers_pattern, str):
+            self.layers_pattern = [self.layers_pattern]
+        if self.layers_pattern is not None:
+            _require(self.layers_to_transform is not None, "layers_pattern", self.layers_pattern,
+                     "to be used together with layers_to_transform")
+        for name, table, ok, what in (
+            ("rank_pattern", self.rank_pattern, lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+             "positive integer ranks"),
+            ("alpha_pattern", self.alpha_pattern, lambda v: _is_number(v) and v > 0, "positive alphas"),
+        ):
+            _require(isinstance(table, Mapping), name, table, "a mapping of module-name pattern to value")
+            for key, value in table.items():
+                _require(ok(value), f"{name}[{key!r}]", value, what)
+                try:
+                    re.compile(key)
+                except re.error as exc:
+                    raise ConfigError(f"{name}: key {key!r} is not a valid regular expression ({exc})") from None
+            setattr(self, name, dict(table))
+
+    # -- per-module values -------------------------------------------------------------------
+
+    def rank_for(self, module_name: str) -> int:
+        """The rank for `module_name`: the first matching `rank_pattern` key, else `r`."""
+        return _pattern_value(self.rank_pattern, module_name, self.r)
+
+    def alpha_for(self, module_name: str) -> float:
+        return _pattern_value(self.alpha_pattern, module_name, self.lora_alpha)
+
+    def scaling_for(self, module_name: str) -> float:
+        """``alpha / r`` (or ``alpha / sqrt(r)`` with rsLoRA) for `module_name`."""
+        return scaling(self.alpha_for(module_name), self.rank_for(module_name), self.use_rslora)
+
+    # -- conversion ------------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "LoraConfig") -> "LoraConfig":
+        """Build from plain data, refusing unknown keys with the closest valid name suggested."""
+        check_keys(data, field_names(), where)
+        try:
+            return cls(**data)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "LoraConfig":
+        """A validated copy with `changes` applied; the original is left as it was."""
+        return dataclasses.replace(self, **changes)
+
+
+def scaling(alpha: float, r: int, use_rslora: bool = False) -> float:
+    """The LoRA scale s: ``alpha / r``, or ``alpha / sqrt(r)`` for rsLoRA."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(LoraConfig)]
+
+
+def _pattern_value(table: Mapping[str, Any], module_name: str, default: Any) -> Any:
+    for key, value in table.items():
+        if re.fullmatch(rf"(.*\.)?(?:{key})", module_name):
+            return value
+    return default
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _require(ok: bool, name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"LoraConfig.{name} = {value!r} is invalid: expected {allowed}")
+
+
+def _selector(name: str, value: Any) -> Optional[Union[list[str], str]]:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value != ALL_LINEAR:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ConfigError(f"LoraConfig.{name} = {value!r} is not a valid regular expression ({exc})") from None
+        return value
+    if isinstance(value, (list, tuple, set)) and value and all(isinstance(v, str) and v for v in value):
+        return sorted(value) if isinstance(value, set) else list(value)
+    raise ConfigError(
+        f"LoraConfig.{name} = {value!r} is invalid: expected a non-empty list of module names, "
+        f"a regular expression string, or {ALL_LINEAR!r}"
+    )
