@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import re
+import warnings
 from typing import Iterator, Optional, Sequence, Union
 
 import torch
@@ -185,6 +186,7 @@ class LoraModel(nn.Module):
         for name in names:
             self._check_known(name)
         layers = [layer for _, layer in self.lora_layers()]
+        self._untie_merge_targets(names)
         if safe:
             for module_name, layer in self.lora_layers():
                 for name in names:
@@ -192,6 +194,19 @@ class LoraModel(nn.Module):
                         raise_merge(name, module_name)
         for layer in layers:
             layer.merge(names)
+
+    def _untie_merge_targets(self, names: Sequence[str]) -> None:
+        """Give a merge target whose weight is shared (e.g. input embeddings tied to the output
+        head) its own copy, so merging changes only the targeted module, as the unmerged
+        forward does."""
+        uses: dict[int, int] = {}
+        for _, param in self.model.named_parameters(remove_duplicate=False):
+            uses[id(param)] = uses.get(id(param), 0) + 1
+        for module_name, layer in self.lora_layers():
+            weight = layer.base_layer.weight
+            if uses.get(id(weight), 0) > 1 and any(n in layer.lora and n not in layer.merged for n in names):
+                warnings.warn(f"{module_name}.weight is tied to another module; merging unties it")
+                layer.base_layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
 
     def unmerge(self) -> None:
         """Undo every merge: ``W ← W − ΔW`` in reverse order."""

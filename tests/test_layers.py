@@ -1,0 +1,125 @@
+"""Each layer kind against ``W x + s·B A x`` written out by hand."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from lorafit import ConfigError, MergeError
+from lorafit.layers import LoraConv, LoraEmbedding, LoraLinear, RowAdapters
+
+
+def _randomise(layer, name="a"):
+    w = layer.lora[name]
+    with torch.no_grad():
+        w.A.normal_()
+        w.B.normal_()
+    return w
+
+
+def test_linear_forward_is_hand_math():
+    base = nn.Linear(6, 5)
+    layer = LoraLinear(base)
+    layer.create("a", r=3, scaling=0.7, dropout=0.0, init=True)
+    w = _randomise(layer)
+    layer.active = ("a",)
+    x = torch.randn(4, 2, 6)
+    expected = x @ base.weight.T + base.bias + 0.7 * (x @ w.A.T) @ w.B.T
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-6)
+
+
+def test_conv1d_fan_in_fan_out_is_hand_math():
+    base = Conv1D(5, 6)  # nf=5 outputs, nx=6 inputs, weight stored [6, 5]
+    layer = LoraLinear(base, fan_in_fan_out=True)
+    layer.create("a", r=2, scaling=2.0, dropout=0.0, init=True)
+    w = _randomise(layer)
+    layer.active = ("a",)
+    assert w.A.shape == (2, 6) and w.B.shape == (5, 2)
+    x = torch.randn(3, 6)
+    expected = x @ base.weight + base.bias + 2.0 * (x @ w.A.T) @ w.B.T
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-6)
+
+
+def test_embedding_is_hand_math():
+    base = nn.Embedding(10, 4, padding_idx=0)
+    layer = LoraEmbedding(base)
+    layer.create("a", r=3, scaling=0.5, dropout=0.0, init=True)
+    w = _randomise(layer)
+    layer.active = ("a",)
+    ids = torch.tensor([[0, 3, 9], [1, 1, 2]])
+    table = base.weight + 0.5 * (w.B @ w.A).T  # [num, dim]
+    torch.testing.assert_close(layer(ids), table[ids], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("conv,shape", [(nn.Conv2d(3, 4, 3, padding=1, stride=2), (2, 3, 7, 7)),
+                                        (nn.Conv1d(3, 4, 3, padding=1), (2, 3, 9))])
+def test_conv_is_hand_math(conv, shape):
+    layer = LoraConv(conv)
+    layer.create("a", r=2, scaling=1.5, dropout=0.0, init=True)
+    w = _randomise(layer)
+    layer.active = ("a",)
+    x = torch.randn(*shape)
+    delta = 1.5 * (w.B.reshape(4, 2) @ w.A.reshape(2, -1)).reshape(conv.weight.shape)
+    fn = F.conv2d if isinstance(conv, nn.Conv2d) else F.conv1d
+    expected = fn(x, conv.weight + delta, conv.bias, conv.stride, conv.padding)
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-5)
+
+
+def test_grouped_conv_refused():
+    with pytest.raises(ConfigError, match="groups=2"):
+        LoraConv(nn.Conv2d(4, 4, 3, groups=2))
+
+
+@pytest.mark.parametrize("make", [lambda: LoraLinear(nn.Linear(6, 5)),
+                                  lambda: LoraLinear(Conv1D(5, 6), fan_in_fan_out=True),
+                                  lambda: LoraEmbedding(nn.Embedding(10, 5)),
+                                  lambda: LoraConv(nn.Conv2d(3, 5, 3))])
+def test_merge_unmerge_round_trip(make):
+    layer = make()
+    layer.create("a", r=2, scaling=0.9, dropout=0.0, init=False)
+    layer.active = ("a",)
+    x = torch.randint(0, 10, (2, 3)) if isinstance(layer, LoraEmbedding) else (
+        torch.randn(2, 3, 6, 6) if isinstance(layer, LoraConv) else torch.randn(2, 6))
+    before = layer.base_layer.weight.detach().clone()
+    unmerged = layer(x)
+    layer.merge(["a"])
+    assert layer.merged == ["a"]
+    torch.testing.assert_close(layer(x), unmerged, rtol=0, atol=1e-5)
+    torch.testing.assert_close(layer.base_layer(x), unmerged, rtol=0, atol=1e-5)
+    layer.unmerge()
+    assert (layer.base_layer.weight - before).abs().max() <= 1e-6
+
+
+def test_bf16_merge_computes_delta_in_fp32():
+    base = nn.Linear(64, 64).to(torch.bfloat16)
+    layer = LoraLinear(base)
+    w = layer.create("a", r=4, scaling=0.01, dropout=0.0, init=False)
+    exact = (base.weight.float() + w.delta()).to(torch.bfloat16)
+    layer.merge(["a"])
+    assert torch.equal(base.weight, exact)
+
+
+def test_safe_merge_refuses_nan_and_leaves_weight():
+    layer = LoraLinear(nn.Linear(4, 4))
+    w = layer.create("a", r=2, scaling=1.0, dropout=0.0, init=False)
+    with torch.no_grad():
+        w.B[0, 0] = float("nan")
+    before = layer.base_layer.weight.detach().clone()
+    with pytest.raises(MergeError, match="NaN/Inf"):
+        layer.merge(["a"], safe=True)
+    assert torch.equal(layer.base_layer.weight, before) and layer.merged == []
+
+
+def test_mixed_rows_gathered_equals_each_adapter_alone():
+    base = nn.Linear(6, 5)
+    layer = LoraLinear(base)
+    for name, r, s in (("a", 2, 0.5), ("b", 4, 2.0)):
+        layer.create(name, r=r, scaling=s, dropout=0.0, init=False)
+    x = torch.randn(3, 4, 6)
+    layer.rows = RowAdapters(["b", None, "a"])
+    mixed = layer(x)
+    layer.rows = None
+    for row, name in enumerate(["b", None, "a"]):
+        layer.active = (name,) if name else ()
+        torch.testing.assert_close(mixed[row], layer(x[row:row + 1])[0], rtol=0, atol=1e-6)
