@@ -14,7 +14,9 @@ import sys
 from .errors import LorafitError
 
 # subcommand -> module that registers it
-COMMANDS = {}
+COMMANDS = {
+    "serve": "lorafit.serve.cli",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
