@@ -1,0 +1,149 @@
+"""`DataConfig`: the ``data:`` section of a training run.
+
+Build it from plain data with ``lorafit.schema.from_dict(DataConfig, mapping, "data")``; the
+checks below run on every construction and name the offending field as ``data.<field>``.
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass
+from typing import Any, Literal, Optional
+
+from ..errors import ConfigError
+
+FORMAT_NAMES = ("text", "instruction", "chat", "classification")
+# Rendered around the user message when the tokenizer has no chat template (or `prompt_template`
+# asks for a plain prompt); the response and EOS follow it directly.
+DEFAULT_PROMPT_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
+
+
+@dataclass
+class DataConfig:
+    """Where the training data lives, what shape its records have, and how they become tokens.
+
+    A record is one JSONL line, one element of a JSON list, one CSV/TSV row or one row of a
+    Hugging Face dataset. Its `format` decides which fields it must have and where the loss goes:
+
+    * ``text``: ``text_field``; the loss covers every token.
+    * ``instruction``: Alpaca fields; the loss covers the response (and EOS) only.
+    * ``chat``: ``messages_field``, a list of ``{"role", "content"}``; the loss covers the
+      assistant turns (with the template's end-of-turn marker) only.
+    * ``classification``: ``text_field`` and ``label_field``; one label id per example.
+    """
+
+    train_file: Optional[str] = None
+    """JSONL, JSON (a list of objects), CSV or TSV file; or a Hugging Face dataset name or
+    ``save_to_disk`` directory when no such file exists. Required to train."""
+    eval_file: Optional[str] = None
+    """Held-out data in the same format; when absent, `eval_fraction` of the train records."""
+    eval_fraction: float = 0.0
+    """Share of the train records held out for evaluation when `eval_file` is not given (0 = no eval)."""
+    train_split: str = "train"
+    """Split read from a Hugging Face dataset given as `train_file`."""
+    eval_split: Optional[str] = None
+    """Split read from a Hugging Face dataset given as `eval_file` (default: `train_split`), or
+    from the `train_file` dataset when `eval_file` is not given."""
+    dataset_config: Optional[str] = None
+    """Configuration name passed to ``datasets.load_dataset`` (e.g. ``"sst2"`` for ``"glue"``)."""
+    format: Literal["text", "instruction", "chat", "classification"] = "text"
+    """How a record becomes a training example (see the class docstring)."""
+    text_field: str = "text"
+    label_field: str = "label"
+    messages_field: str = "messages"
+    instruction_field: str = "instruction"
+    input_field: str = "input"
+    """Optional in each record: an absent or empty input leaves the prompt as the instruction alone."""
+    output_field: str = "output"
+    labels: Optional[list[str]] = None
+    """Class names in id order. When absent: the sorted set of train labels, or ``"0".."N"``
+    when every train label is an integer (integer labels are then used as ids)."""
+    system_prompt: Optional[str] = None
+    """System message for instruction and chat records (chat records that carry their own system
+    message keep it)."""
+    prompt_template: Optional[str] = None
+    """Plain-text instruction prompt with a ``{prompt}`` placeholder. When set it replaces the
+    tokenizer's chat template; when absent a tokenizer without a chat template gets
+    `DEFAULT_PROMPT_TEMPLATE`."""
+    max_length: int = 512
+    """Examples with more tokens are cut to this length (from the right) and counted."""
+    add_eos: bool = True
+    """Append EOS to ``text`` examples and to plain-template instruction responses."""
+    packing: bool = False
+    """Concatenate examples into rows of at most `max_length` tokens (causal formats only)."""
+    group_by_length: bool = False
+    """Batch examples of similar length together to cut padding (see `batch_plan`)."""
+    on_bad_record: Literal["error", "skip"] = "error"
+    """``error``: the first bad record raises `DataError` naming file and line.
+    ``skip``: bad records are dropped and counted in the `DataReport`."""
+    max_records: Optional[int] = None
+    """Read at most this many good records from `train_file` (the first ones, in file order)."""
+    max_eval_records: Optional[int] = None
+    """Keep at most this many evaluation records (the first ones)."""
+    shuffle_seed: int = 0
+    """Seeds the `eval_fraction` split; trainers pass it to `batch_plan` too."""
+    delimiter: Optional[str] = None
+    """CSV/TSV column separator; by default ``","`` for ``.csv`` and a tab for ``.tsv``/``.tab``."""
+    columns: Optional[list[str]] = None
+    """Column names of a CSV/TSV file without a header row; absent means the first row is the header."""
+
+    def __post_init__(self) -> None:
+        _require(self.format in FORMAT_NAMES, "format", self.format, f"one of {list(FORMAT_NAMES)}")
+        _require(_is_number(self.eval_fraction) and 0.0 <= self.eval_fraction < 1.0,
+                 "eval_fraction", self.eval_fraction, "a number in [0, 1)")
+        _require(self.eval_file is None or self.eval_fraction == 0.0, "eval_fraction", self.eval_fraction,
+                 "0 when eval_file is given (the eval set comes from one place)")
+        _require(_is_int(self.max_length) and self.max_length >= 2, "max_length", self.max_length,
+                 "an integer >= 2")
+        for name in ("max_records", "max_eval_records"):
+            value = getattr(self, name)
+            _require(value is None or (_is_int(value) and value > 0), name, value, "a positive integer or null")
+        _require(_is_int(self.shuffle_seed), "shuffle_seed", self.shuffle_seed, "an integer")
+        _require(self.on_bad_record in ("error", "skip"), "on_bad_record", self.on_bad_record,
+                 "'error' or 'skip'")
+        for name in ("text_field", "label_field", "messages_field", "instruction_field", "input_field",
+                     "output_field", "train_split"):
+            value = getattr(self, name)
+            _require(isinstance(value, str) and value != "", name, value, "a non-empty string")
+        _require(not (self.packing and self.format == "classification"), "packing", self.packing,
+                 "false for format 'classification' (packing concatenates causal-LM examples)")
+        if self.labels is not None:
+            _require(isinstance(self.labels, (list, tuple)) and len(self.labels) >= 2
+                     and all(isinstance(x, str) and x for x in self.labels)
+                     and len(set(self.labels)) == len(self.labels),
+                     "labels", self.labels, "a list of at least two distinct non-empty names")
+            self.labels = list(self.labels)
+        if self.columns is not None:
+            _require(isinstance(self.columns, (list, tuple)) and all(isinstance(x, str) and x for x in self.columns)
+                     and len(set(self.columns)) == len(self.columns),
+                     "columns", self.columns, "a list of distinct non-empty column names")
+            self.columns = list(self.columns)
+        _require(self.delimiter is None or (isinstance(self.delimiter, str) and len(self.delimiter) == 1),
+                 "delimiter", self.delimiter, "a single character")
+        _require(self.eval_split is None or self.eval_fraction == 0.0, "eval_split", self.eval_split,
+                 "null when eval_fraction is set (the eval set comes from one place)")
+        if self.prompt_template is not None:
+            _require(self.format == "instruction", "prompt_template", self.prompt_template,
+                     "null unless format is 'instruction'")
+            _require(_placeholders(self.prompt_template) == {"prompt"}, "prompt_template", self.prompt_template,
+                     "a template whose only placeholder is {prompt} (write literal braces as {{ }})")
+
+
+def _require(ok: bool, name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"data.{name} = {value!r} is invalid: expected {allowed}")
+
+
+def _placeholders(template: str) -> set[str]:
+    try:
+        return {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError:  # unbalanced braces
+        return set()
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
