@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .config import ALL_LINEAR, LoraConfig
-from .errors import AdapterError, ConfigError, TargetError
+from .errors import AdapterError, ConfigError, MergeError, TargetError
 from .layers import LoraLayer, LoraWeights, ModulesToSave, RowAdapters, find_kind
 
 # target_modules used when a config names none, by Hugging Face `model_type` (PEFT's defaults).
@@ -108,6 +108,26 @@ class LoraModel(nn.Module):
         self.peft_config[adapter_name] = config
         self._update_trainable()
 
+    def add_adapter_weights(self, adapter_name: str, config: LoraConfig, weights: dict[str, LoraWeights]) -> None:
+        """Add adapter `adapter_name` with ready-made factors {module path: LoraWeights}
+        (combination, conversion); `config` describes them for saving."""
+        if adapter_name in self.peft_config:
+            raise AdapterError(f"an adapter named {adapter_name!r} already exists; delete_adapter() it first")
+        layers = dict(self.lora_layers())
+        missing = [path for path in weights if path not in layers]
+        if missing:
+            raise AdapterError(f"adapter {adapter_name!r}: no LoRA layer at {missing}")
+        for path, w in weights.items():
+            layers[path].add(adapter_name, w)
+        self.peft_config[adapter_name] = copy.deepcopy(config)
+        self._update_trainable()
+
+    def combine(self, weights: dict[str, float], name: str, method: str = "cat", rank: Optional[int] = None):
+        """Add adapter `name` ≈ Σ w_i · adapter_i (see `lorafit.combine`); returns a CombineReport."""
+        from .combine import combine
+
+        return combine(self, weights, name, method=method, rank=rank)
+
     def set_adapter(self, adapter_name: Union[str, Sequence[str]]) -> None:
         """Make `adapter_name` (or several, whose updates add up) the active adapter(s)."""
         names = (adapter_name,) if isinstance(adapter_name, str) else tuple(adapter_name)
@@ -191,7 +211,8 @@ class LoraModel(nn.Module):
             for module_name, layer in self.lora_layers():
                 for name in names:
                     if name in layer.lora and name not in layer.merged and not _finite(layer.lora[name]):
-                        raise_merge(name, module_name)
+                        raise MergeError(f"adapter {name!r} has NaN/Inf in its update of {module_name!r}; "
+                                         "no weights were changed")
         for layer in layers:
             layer.merge(names)
 
@@ -293,12 +314,6 @@ class LoraModel(nn.Module):
 def wrap(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> LoraModel:
     """Freeze `model`, inject the adapter `adapter_name` described by `config`, and activate it."""
     return LoraModel(model, config, adapter_name)
-
-
-def raise_merge(adapter: str, module_name: str):
-    from .errors import MergeError
-
-    raise MergeError(f"adapter {adapter!r} has NaN/Inf in its update of {module_name!r}; no weights were changed")
 
 
 def _finite(weights: LoraWeights) -> bool:
