@@ -90,3 +90,28 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             self._process.kill()
             self._process.wait()
+
+
+def write_demo_adapters(base_dir: Path, out_dir: Path, names: list[str], rank: int = 8) -> dict[str, Path]:
+    """Save one random adapter per name under `out_dir` (``out_dir/NAME``) for `base_dir`.
+
+    Both LoRA factors are random (B is zero after a normal init), so each adapter changes the
+    base's answers, and each name gets its own seed.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .. import LoraConfig, wrap
+
+    paths = {}
+    for seed, name in enumerate(names, start=1):
+        model = wrap(AutoModelForCausalLM.from_pretrained(base_dir),
+                     LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "v_proj", "down_proj"]))
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for _, layer in model.lora_layers():
+                weights = layer.lora["default"]
+                weights.B.copy_(torch.randn(weights.B.shape, generator=generator) * 0.5)
+        paths[name] = Path(out_dir) / name
+        model.save_adapter(paths[name])
+    return paths
