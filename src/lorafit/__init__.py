@@ -4,6 +4,7 @@ from .config import LoraConfig
 from .errors import (AdapterError, AdapterFileError, ConfigError, DataError, LorafitError, MergeError,
                      TargetError, TrainingError)
 from .model import LoraModel, wrap
+from . import variants  # noqa: E402,F401  (registers DoRA, PiSSA/OLoRA, quantised bases)
 
 __version__ = "0.1.0"
 

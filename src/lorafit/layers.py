@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import AdapterError, ConfigError, MergeError
-from .functional import delta_weight, lora_linear_delta, merge_into
+from .functional import delta_weight, fused_lora_linear, lora_linear_delta, merge_into
 
 
 class LoraWeights(nn.Module):
@@ -62,6 +62,10 @@ class LoraWeights(nn.Module):
     def unmerge(self, layer: "LoraLayer") -> None:
         merge_into(layer.weight_view(), self.delta(), -1.0)
 
+    def init_from_layer(self, layer: "LoraLayer") -> None:
+        """Called once the factors are initialised; variants whose state depends on the base
+        weight (DoRA's magnitude) set it up here."""
+
 
 class RowAdapters:
     """Which adapter serves each row of a mixed batch (``None`` = the plain base).
@@ -82,6 +86,11 @@ class RowAdapters:
             groups = [(n, torch.nonzero(slots == i).flatten()) for i, n in enumerate(self.present)]
             self._by_device[device] = (slots, groups)
         return self._by_device[device]
+
+
+# init_lora_weights schemes handled outside the core (PiSSA, OLoRA), by name ("pissa_niter_K"
+# looks up "pissa"): function(layer, weights, scheme) that fills the factors.
+INIT_HOOKS: dict[str, Callable] = {}
 
 
 class LoraLayer(nn.Module):
@@ -114,7 +123,11 @@ class LoraLayer(nn.Module):
 
     def init_factors(self, w: LoraWeights, scheme) -> None:
         """Initialise A and B: Kaiming-uniform A and zero B (True), N(0, 1/r) A (gaussian), or
-        both random (False, an adapter that is not the identity at start)."""
+        both random (False, an adapter that is not the identity at start). A scheme named in
+        `INIT_HOOKS` is handed to its function."""
+        hook = INIT_HOOKS.get(scheme.split("_niter_")[0]) if isinstance(scheme, str) else None
+        if hook is not None:
+            return hook(self, w, scheme)
         with torch.no_grad():
             if scheme == "gaussian":
                 nn.init.normal_(w.A, std=1.0 / w.rank)
@@ -138,6 +151,7 @@ class LoraLayer(nn.Module):
         w = weights_cls(torch.empty(a_shape), torch.empty(b_shape), scaling, dropout)
         self.add(name, w)
         self.init_factors(self.lora[name], init)
+        self.lora[name].init_from_layer(self)
         return self.lora[name]
 
     def remove(self, name: str) -> None:
@@ -223,6 +237,26 @@ class LoraLinear(LoraLayer):
         out = lora_linear_delta(x.to(w.A.dtype), w.A, w.B, w.scaling)
         return out.to(x.dtype)
 
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        w = self._fusable()
+        if w is None or x.dtype != w.A.dtype:
+            return super().forward(x, *args, **kwargs)
+        base = self.base_layer
+        p = w.dropout.p if self.training and isinstance(w.dropout, nn.Dropout) else 0.0
+        return fused_lora_linear(x, base.weight, base.bias, w.A, w.B, w.scaling, p, self.fan_in_fan_out)
+
+    def _fusable(self) -> Optional[LoraWeights]:
+        """The single plain adapter to run through the fused kernel, or None when the general
+        path is needed (mixed rows, several or merged adapters, variants, quantised or trainable
+        base weights)."""
+        if self.disabled or self.rows is not None or len(self.active) != 1 or self.merged:
+            return None
+        w = self.lora[self.active[0]] if self.active[0] in self.lora else None
+        base = self.base_layer
+        if type(w) is not LoraWeights or type(base) not in _FUSABLE_BASES or base.weight.requires_grad:
+            return None
+        return w
+
     def _forward_rows(self, x: Tensor, *args, **kwargs) -> Tensor:
         weights = [self.lora[n] for n in self.rows.present if n in self.lora]
         gatherable = all(type(w) is LoraWeights for w in weights) and not (
@@ -250,6 +284,17 @@ class LoraLinear(LoraLayer):
         h = torch.bmm(xb, a_stack[slots].transpose(1, 2))  # (b, T, r_max)
         out = torch.bmm(h, b_stack[slots].transpose(1, 2))  # (b, T, out)
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+def _fusable_bases() -> tuple[type, ...]:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return (nn.Linear,)
+    return (nn.Linear, Conv1D)
+
+
+_FUSABLE_BASES = _fusable_bases()
 
 
 class LoraEmbedding(LoraLayer):

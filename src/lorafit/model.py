@@ -35,6 +35,10 @@ _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
 # (predicate on the config, LoraWeights subclass): variants such as DoRA register here.
 WEIGHT_VARIANTS: list[tuple] = []
 
+# check(config, module path, base module) run on every target before any layer is replaced;
+# raises ConfigError naming the module (variants register their refusals here).
+TARGET_CHECKS: list = []
+
 
 def weights_class(config: LoraConfig) -> type[LoraWeights]:
     for applies, cls in WEIGHT_VARIANTS:
@@ -98,6 +102,9 @@ class LoraModel(nn.Module):
         targets = find_targets(self.model, config)
         saved = _find_modules_to_save(self.model, config.modules_to_save or [])
         variant = weights_class(config)
+        for name, module in targets:
+            for check in TARGET_CHECKS:
+                check(config, name, module.base_layer if isinstance(module, LoraLayer) else module)
         for name, module in targets:
             layer = module if isinstance(module, LoraLayer) else _replace(self.model, name, find_kind(module).wrap(module))
             layer.create(adapter_name, config.rank_for(name), config.scaling_for(name),
@@ -238,8 +245,16 @@ class LoraModel(nn.Module):
     def merged_adapters(self) -> list[str]:
         return list(dict.fromkeys(n for _, layer in self.lora_layers() for n in layer.merged))
 
-    def merge_and_unload(self, adapter_names: Optional[Sequence[str]] = None, safe: bool = False) -> nn.Module:
-        """Merge, then return the base model with every lorafit layer replaced by a plain module."""
+    def merge_and_unload(self, adapter_names: Optional[Sequence[str]] = None, safe: bool = False,
+                         dequantize: bool = False) -> nn.Module:
+        """Merge, then return the base model with every lorafit layer replaced by a plain module.
+
+        With `dequantize`, quantised (bitsandbytes) layers first become full-precision nn.Linear
+        layers holding their dequantised weights, so the merge is exact (`lorafit.quant`)."""
+        if dequantize:
+            from .quant import dequantize_model
+
+            dequantize_model(self.model)
         self.merge(adapter_names, safe=safe)
         return self.unload()
 
