@@ -10,6 +10,14 @@ from lorafit.testing import build_tokenizer
 SHARED_DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 
 
+@pytest.fixture
+def shared_data():
+    """The public data sets beside the checkout; tests using it skip when the folder is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is not beside the checkout")
+    return SHARED_DATA
+
+
 @pytest.fixture(scope="session")
 def tok():
     return build_tokenizer()
