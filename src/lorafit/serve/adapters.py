@@ -108,7 +108,7 @@ class AdapterPool:
             raise UnknownAdapter(f"unknown adapter {name!r}")
         if name not in self._loaded:
             self._make_room()
-            self._model.load_adapter(str(path), adapter_name=name)
+            self._load(name, path)
             self._loaded[name] = None
         self._loaded.move_to_end(name)
         self._users[name] += 1
@@ -154,6 +154,17 @@ class AdapterPool:
             if idle is None:
                 raise SlotsBusy(f"all {self.capacity} adapter slots are in use")
             self._unload(idle)
+
+    def _load(self, name: str, path: Path) -> None:
+        """Load the adapter; any failure leaves the model as it was and is an `AdapterFileError`."""
+        try:
+            self._model.load_adapter(str(path), adapter_name=name)
+        except Exception as exc:
+            if name in self._model.adapter_names:
+                self._model.delete_adapter(name)
+            if isinstance(exc, AdapterFileError):
+                raise
+            raise AdapterFileError(f"adapter {name!r} could not be loaded from {str(path)!r}: {exc}") from exc
 
     def _unload(self, name: str) -> None:
         self._model.delete_adapter(name)

@@ -26,7 +26,7 @@ from typing import Any, Callable, Union
 import torch
 from transformers.cache_utils import DynamicCache
 
-from ..errors import AdapterFileError, LorafitError
+from ..errors import LorafitError
 from . import kvcache
 from .adapters import AdapterPool, SlotsBusy
 from .sampling import ParamError, SamplingParams, TextTracker, sample_token
@@ -226,13 +226,10 @@ class Engine:
             return True
         except SlotsBusy:
             return False
-        except LorafitError as exc:
-            error: Exception = exc
-        except Exception as exc:  # a broken adapter file must not take the server down
-            error = AdapterFileError(f"adapter {request.adapter!r} could not be loaded: {exc}")
-        _emit(request, Failed(error))
-        request.cancel()
-        return False
+        except LorafitError as exc:  # unknown by now, or its files are broken
+            _emit(request, Failed(exc))
+            request.cancel()
+            return False
 
     def _prefill(self, requests: list[Request]) -> None:
         rows = [

@@ -41,12 +41,12 @@ async function loadModels() {
   status.textContent = adapters.length ? "" : "no adapters: only the base model will answer";
   adapters.forEach((m, i) => {
     const label = document.createElement("label");
-    const box_ = document.createElement("input");
-    box_.type = "checkbox";
-    box_.name = "adapter";
-    box_.value = m.id;
-    box_.checked = i === 0;
-    label.append(box_, ` ${m.id}`);
+    const check = document.createElement("input");
+    check.type = "checkbox";
+    check.name = "adapter";
+    check.value = m.id;
+    check.checked = i === 0;
+    label.append(check, ` ${m.id}`);
     box.append(label);
   });
 }
