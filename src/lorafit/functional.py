@@ -37,3 +37,60 @@ def merge_into(weight: Tensor, delta: Tensor, sign: float = 1.0, safe: bool = Fa
 def lora_linear_delta(x: Tensor, A: Tensor, B: Tensor, scaling: float) -> Tensor:
     """``s · (x Aᵀ) Bᵀ`` for x [..., in] -> [..., out]; the scale multiplies the rank-r middle."""
     return torch.nn.functional.linear(torch.nn.functional.linear(x, A) * scaling, B)
+
+
+class _FusedLoraLinear(torch.autograd.Function):
+    """``y = x Wᵀ + b + s · (m ⊙ x / (1 − p)) Aᵀ Bᵀ`` with a frozen W, as one autograd node.
+
+    Compared with composing the ops, it saves for backward only x (usually shared with other
+    consumers), the rank-r activation h and, with dropout, a 1-byte mask instead of a copy of
+    the dropped-out input; the adapter's output is accumulated into the base output in place
+    (``addmm_``), and in backward the two input-gradient paths share one buffer.
+    Shapes: x [N, in], W [out, in] (or [in, out] when `w_in_out`, HF Conv1D), A [r, in], B [out, r].
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, scaling, p, w_in_out):
+        keep = None
+        xd = x
+        if p > 0:
+            keep = torch.rand_like(x) >= p
+            xd = x * keep * (1.0 / (1.0 - p))
+        h = (xd @ A.T).mul_(scaling)  # (N, r), already scaled
+        w = weight if w_in_out else weight.T
+        y = torch.addmm(bias, x, w) if bias is not None else x @ w
+        y.addmm_(h, B.T)
+        ctx.save_for_backward(x, keep, h, weight, A, B)
+        ctx.scaling, ctx.p, ctx.w_in_out, ctx.has_bias = scaling, p, w_in_out, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, keep, h, weight, A, B = ctx.saved_tensors
+        s, p = ctx.scaling, ctx.p
+        need_x, _, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
+        g_h = (g @ B).mul_(s)  # (N, r): dL/d(x_d Aᵀ)
+        grad_x = grad_bias = grad_a = grad_bb = None
+        if need_x:
+            grad_x = g @ (weight.T if ctx.w_in_out else weight)
+            lora_in = g_h @ A
+            if keep is not None:
+                lora_in = lora_in * keep * (1.0 / (1.0 - p))
+            grad_x.add_(lora_in)
+        if need_a:
+            xd = x if keep is None else x * keep * (1.0 / (1.0 - p))
+            grad_a = g_h.T @ xd
+        if need_bb:
+            grad_bb = g.T @ h
+        if need_b and ctx.has_bias:
+            grad_bias = g.sum(0)
+        return grad_x, None, grad_bias, grad_a, grad_bb, None, None, None
+
+
+def fused_lora_linear(x: Tensor, weight: Tensor, bias, A: Tensor, B: Tensor, scaling: float,
+                      p: float = 0.0, w_in_out: bool = False) -> Tensor:
+    """A frozen linear layer plus one LoRA adapter, for x [..., in] -> [..., out] (see
+    `_FusedLoraLinear`). `p` is the adapter's dropout probability (0 outside training)."""
+    lead = x.shape[:-1]
+    y = _FusedLoraLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias, A, B, scaling, p, w_in_out)
+    return y.view(*lead, y.shape[-1])
