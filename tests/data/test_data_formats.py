@@ -215,6 +215,8 @@ def test_eval_fraction_split_is_deterministic_disjoint_and_seeded(tok, write):
     assert len(held_out) == 10 and sorted(train + held_out) == sorted(r["text"] for r in rows)
     assert split(0) == (train, held_out)
     assert split(1)[1] != held_out
+    capped, capped_eval, _ = load(tok, rows, write, eval_fraction=0.25, max_eval_records=4)
+    assert (len(capped), len(capped_eval)) == (36, 4)
 
 
 def test_eval_fraction_too_small_for_the_data(tok, write):

@@ -24,6 +24,7 @@ Typical use by a trainer::
     for epoch in range(epochs):
         for batch_ids in batch_plan(train.lengths, batch_size, seed, epoch, rank, world_size,
                                     cfg.data.group_by_length)[skip:]:
+            # batch_ids is empty only on some ranks, at the last step of an epoch (see batch_plan)
             batch = collate([train[i] for i in batch_ids], train.pad_id)
             loss = model(**batch, use_cache=False).loss
 """

@@ -47,8 +47,8 @@ def batch_plan(lengths: Sequence[int], batch_size: int, seed: int, epoch: int, r
 
     With `group_by_length`, the permutation is cut into windows of ``GROUP_WINDOW`` global batches,
     each window is sorted by length (longest first; ties keep the random order) and cut into global
-    batches, and the global batches are shuffled. A resumed run skips the first K batches of the
-    same plan. See the module docstring for the sharding rule.
+    batches, and the full global batches are shuffled (a short one stays last). A resumed run skips
+    the first K batches of the same plan. See the module docstring for the sharding rule.
     """
     for name, value, low in (("batch_size", batch_size, 1), ("world_size", world_size, 1), ("epoch", epoch, 0)):
         if not isinstance(value, int) or value < low:
@@ -66,7 +66,11 @@ def batch_plan(lengths: Sequence[int], batch_size: int, seed: int, epoch: int, r
                  for i in sorted(order[start:start + window], key=lambda i: -lengths[i])]
     global_batches = [order[start:start + step] for start in range(0, len(order), step)]
     if group_by_length:
-        rng.shuffle(global_batches)
+        # A short global batch stays last, so uneven (or empty) rank batches come only at the end.
+        full = len(order) // step
+        head = global_batches[:full]
+        rng.shuffle(head)
+        global_batches = head + global_batches[full:]
     return [batch[rank * len(batch) // world_size:(rank + 1) * len(batch) // world_size]
             for batch in global_batches]
 

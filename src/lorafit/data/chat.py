@@ -29,6 +29,7 @@ from .report import BadRecord
 IGNORE_INDEX = -100
 Message = dict[str, str]
 
+
 def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 

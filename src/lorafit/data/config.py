@@ -79,7 +79,8 @@ class DataConfig:
     max_records: Optional[int] = None
     """Read at most this many good records from `train_file` (the first ones, in file order)."""
     max_eval_records: Optional[int] = None
-    """Keep at most this many evaluation records (the first ones)."""
+    """Keep at most this many evaluation records: the first ones of an eval file or split, or a
+    smaller held-out part with `eval_fraction` (the rest stays in train)."""
     shuffle_seed: int = 0
     """Seeds the `eval_fraction` split; trainers pass it to `batch_plan` too."""
     delimiter: Optional[str] = None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from itertools import islice
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -68,7 +68,7 @@ def load_dataset_splits(cfg: DataConfig, tokenizer: Any) -> tuple[TokenizedDatas
     train = _parse(read_records(cfg.train_file, cfg, cfg.train_split, report), cfg, report, cfg.max_records)
     labels = None
     if cfg.format == "classification":
-        labels = cfg.labels or infer_labels([label for _, label in (p.value for p in train)])
+        labels = cfg.labels or infer_labels([p.value[1] for p in train])
         report.labels = labels
     train, held_out = _eval_records(cfg, train, report)
 
@@ -139,12 +139,13 @@ def _eval_records(cfg: DataConfig, train: list[_Parsed],
     if not 0 < count < len(train):
         raise DataError(f"{cfg.train_file}: {len(train)} records cannot be split with "
                         f"eval_fraction={cfg.eval_fraction} (the eval or the train part would be empty)")
+    count = min(count, cfg.max_eval_records or count)
     chosen = set(random.Random(f"lorafit.eval_split:{cfg.shuffle_seed}").sample(range(len(train)), count))
-    held_out = [p for i, p in enumerate(train) if i in chosen][: cfg.max_eval_records]
-    return [p for i, p in enumerate(train) if i not in chosen], held_out
+    return [p for i, p in enumerate(train) if i not in chosen], [p for i, p in enumerate(train) if i in chosen]
 
 
-def _encode(parsed: list[_Parsed], encode: Any, context: Context) -> list[Example]:
+def _encode(parsed: list[_Parsed], encode: Callable[[list[Any], Context], list[Any]],
+            context: Context) -> list[Example]:
     examples = []
     for item, result in zip(parsed, encode([p.value for p in parsed], context)):
         if isinstance(result, BadRecord):

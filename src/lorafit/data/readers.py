@@ -157,10 +157,10 @@ def _read_delimited(path: Path, delimiter: str, columns: Optional[list[str]],
         reader = csv.reader(stream, delimiter=delimiter, quoting=quoting)
         rows = _numbered_rows(reader, path)
         if columns is None:
-            header = next(rows, None)
+            _, header = next(rows, (1, None))
             if header is None:
                 raise DataError(f"{path}:1: empty file; expected a header row naming the columns")
-            columns = [cell.strip() for cell in header[1]]
+            columns = [cell.strip() for cell in header]
         for number, row in rows:
             if not any(cell.strip() for cell in row):
                 continue
