@@ -16,6 +16,9 @@ from .errors import LorafitError
 # subcommand -> module that registers it
 COMMANDS = {
     "serve": "lorafit.serve.cli",
+    "train": "lorafit.train.commands.train",
+    "eval": "lorafit.train.commands.eval",
+    "generate": "lorafit.train.commands.generate",
 }
 
 

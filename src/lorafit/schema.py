@@ -76,6 +76,10 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
             return None
         if isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args:
             return None
+        if isinstance(value, str) and "," not in value:
+            # A plain string fits a `str` member before a list one: ``target_modules: all-linear``
+            # stays a string, while ``target_modules=q_proj,v_proj`` still becomes a list.
+            args = sorted(args, key=lambda arg: typing.get_origin(arg) in (list, tuple))
         for arg in args:
             if arg is type(None):
                 continue

@@ -1,0 +1,81 @@
+"""Forward passes on collated batches, and the eval metrics: loss, perplexity, accuracy."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from ..data import collate, load_dataset_splits
+from ..errors import ConfigError
+from .losses import LOSSES, correct_predictions
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Mixed precision for a half-precision base (the fp32 trainable parameters meet half inputs)."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def logits_of(model: Any, batch: dict[str, Tensor], task: str, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """The model's logits for a `collate` batch (its labels are not passed: lorafit computes the loss)."""
+    inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+    if task == "causal_lm":
+        inputs["use_cache"] = False  # a cache would also stop packed rows from being kept apart
+    with autocast(device, dtype):
+        return model(**inputs).logits
+
+
+@torch.no_grad()
+def evaluate(model: Any, dataset: Any, task: str, batch_size: int, device: torch.device,
+             dtype: torch.dtype) -> dict[str, float]:
+    """``loss`` (mean over all target tokens or examples) and ``perplexity`` (causal LM) or
+    ``accuracy`` (classification) of `model` on a `TokenizedDataset`."""
+    was_training = model.training
+    model.eval()
+    loss_fn = LOSSES[task]
+    total, targets, correct = 0.0, 0, 0
+    order = sorted(range(len(dataset)), key=lambda i: len(dataset[i]["input_ids"]))  # less padding
+    for start in range(0, len(order), batch_size):
+        batch = collate([dataset[i] for i in order[start:start + batch_size]], dataset.pad_id)
+        labels = batch["labels"].to(device)
+        logits = logits_of(model, batch, task, device, dtype)
+        total += loss_fn.loss(logits, labels).item()
+        targets += loss_fn.targets(labels)
+        if task == "classification":
+            correct += correct_predictions(logits, labels)
+    model.train(was_training)
+    loss = total / max(targets, 1)
+    if task == "classification":
+        return {"loss": loss, "accuracy": correct / max(targets, 1)}
+    return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf}
+
+
+def evaluate_config(cfg: Any, adapter_dir: Optional[Path] = None) -> dict[str, Any]:
+    """Metrics of the adapter in `adapter_dir` (or of the base model) on the eval split of `cfg`,
+    a `RunConfig`, with the number of ``examples``. Without an adapter a classifier's new head is
+    drawn from ``train.seed``, so the figures are those a run logs at step 0."""
+    from .. import load
+    from .modeling import default_device, load_base, load_tokenizer, read_labels, resolve_dtype
+
+    device = default_device()
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    torch.manual_seed(cfg.train.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    _, eval_set, report = load_dataset_splits(cfg.data, tokenizer)
+    if eval_set is None:
+        raise ConfigError("the config has no eval split: set data.eval_file or data.eval_fraction")
+    model = load_base(cfg.model, cfg.task, report.labels, dtype, eval_set.pad_id)
+    if adapter_dir is not None:
+        saved = read_labels(adapter_dir)
+        if saved != report.labels:
+            raise ConfigError(f"{adapter_dir}: the adapter was trained for labels {saved}, "
+                              f"but the data has {report.labels}")
+        model = load(model, adapter_dir)
+    metrics = evaluate(model.to(device), eval_set, cfg.task, cfg.train.batch_size, device, dtype)
+    return {**metrics, "examples": len(eval_set)}

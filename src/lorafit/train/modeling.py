@@ -1,0 +1,132 @@
+"""Base models and tokenizers from a `ModelConfig`, wrapped with LoRA for training or inference."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..model import LoraModel, wrap
+from .config import ModelConfig, RunConfig
+
+LABELS_FILE = "labels.json"
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` is bf16 on a CUDA device with bf16 support and fp32 everywhere else: a CPU
+    without bf16 hardware runs bf16 matmuls many times slower than fp32."""
+    if name == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float32
+    return _DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name, value in _DTYPES.items() if value == dtype)
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    return _from_pretrained(AutoTokenizer, cfg)
+
+
+def load_base(cfg: ModelConfig, task: str, labels: Optional[Sequence[str]], dtype: torch.dtype,
+              pad_token_id: Optional[int] = None) -> nn.Module:
+    """The Hugging Face model for `task`: a causal LM, or a sequence classifier with one output
+    per label (its head is freshly initialised)."""
+    import transformers
+
+    if task == "classification":
+        extra = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+                 "label2id": {name: i for i, name in enumerate(labels)}}
+        model = _from_pretrained(transformers.AutoModelForSequenceClassification, cfg, dtype=dtype, **extra)
+        if model.config.pad_token_id is None:  # decoder classifiers find the last token by it
+            model.config.pad_token_id = pad_token_id
+    else:
+        model = _from_pretrained(transformers.AutoModelForCausalLM, cfg, dtype=dtype)
+    if cfg.quantize != "none":
+        from ..quant import quantize_model
+
+        quantize_model(model, cfg.quantize)
+    return model
+
+
+def head_modules(model: nn.Module) -> list[str]:
+    """The task head of a Hugging Face model: its top-level children with parameters other than
+    the backbone (``classifier`` for BERT, ``score`` for Llama, ``pre_classifier`` and
+    ``classifier`` for DistilBERT)."""
+    backbone = getattr(model, "base_model_prefix", None)
+    return [name for name, child in model.named_children()
+            if name != backbone and any(True for _ in child.parameters())]
+
+
+def build_model(cfg: RunConfig, labels: Optional[Sequence[str]], device: torch.device,
+                pad_token_id: Optional[int] = None) -> LoraModel:
+    """The base model of `cfg`, wrapped with ``cfg.lora`` and ready to train on `device`.
+
+    A classifier's head goes to ``modules_to_save`` unless the config names those modules.
+    Trainable parameters are fp32 whatever the base dtype (see `ModelConfig.dtype`).
+    """
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    base = load_base(cfg.model, cfg.task, labels, dtype, pad_token_id)
+    lora = cfg.lora
+    if cfg.task == "classification" and lora.modules_to_save is None:
+        lora = lora.replace(modules_to_save=head_modules(base))
+    if cfg.model.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.enable_input_require_grads()  # the frozen embeddings would otherwise cut the graph
+        base.config.use_cache = False
+    model = wrap(base, lora).to(device)
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+    model.train()
+    return model
+
+
+def save_labels(adapter_dir: Path, labels: Sequence[str]) -> None:
+    """Class names in id order, saved next to a classifier's adapter files."""
+    (adapter_dir / LABELS_FILE).write_text(json.dumps({"labels": list(labels)}) + "\n", encoding="utf-8")
+
+
+def read_labels(adapter_dir: Path) -> Optional[list[str]]:
+    path = Path(adapter_dir) / LABELS_FILE
+    return json.loads(path.read_text(encoding="utf-8"))["labels"] if path.exists() else None
+
+
+def load_trained(base: str, adapter_dir: Optional[Path], dtype: str = "auto",
+                 device: Optional[torch.device] = None, trust_remote_code: bool = False):
+    """``(model, tokenizer, labels)`` for inference: `base` with the adapter in `adapter_dir`
+    (none: the plain base model). A ``labels.json`` beside the adapter makes it a classifier."""
+    from .. import load
+
+    device = device or default_device()
+    cfg = ModelConfig(name_or_path=base, dtype=dtype, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(cfg)
+    labels = read_labels(adapter_dir) if adapter_dir is not None else None
+    model = load_base(cfg, "classification" if labels else "causal_lm", labels,
+                      resolve_dtype(dtype, device), tokenizer.pad_token_id)
+    if adapter_dir is not None:
+        model = load(model, adapter_dir)
+    return model.to(device).eval(), tokenizer, labels
+
+
+def _from_pretrained(factory: Any, cfg: ModelConfig, **kwargs: Any) -> Any:
+    if cfg.name_or_path is None:
+        raise ConfigError("model.name_or_path is required: a local model directory or a hub id")
+    try:
+        return factory.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code, **kwargs)
+    except (OSError, ValueError) as exc:
+        hint = "" if Path(cfg.name_or_path).is_dir() else (
+            " (not a local directory; offline, point model.name_or_path at a downloaded copy)")
+        raise ConfigError(f"model.name_or_path = {cfg.name_or_path!r}: cannot load{hint}: {exc}") from None
