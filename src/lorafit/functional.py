@@ -94,3 +94,52 @@ def fused_lora_linear(x: Tensor, weight: Tensor, bias, A: Tensor, B: Tensor, sca
     lead = x.shape[:-1]
     y = _FusedLoraLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias, A, B, scaling, p, w_in_out)
     return y.view(*lead, y.shape[-1])
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of ``logits = h Wᵀ + b`` against targets, never holding more than one
+    chunk of logits. W (the frozen output head) gets no gradient, so dL/dh is computed during
+    the forward pass, chunk by chunk, and kept instead of the logits:
+
+        p = softmax(h_c Wᵀ + b);  loss_c = Σ (logsumexp − logit[target]);  dL/dh_c = (p − onehot) W
+
+    Memory: O(N·H + chunk·V) instead of O(N·V) for logits, their softmax and its gradient.
+    Shapes: h [N, H], W [V, H], b [V] or None, targets [N] (all valid; filter ignored ones first).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk):
+        grad_hidden = torch.empty_like(hidden)
+        total = hidden.new_zeros((), dtype=torch.float32)
+        rows = torch.arange(min(chunk, hidden.shape[0]), device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            h = hidden[start:start + chunk]
+            t = targets[start:start + chunk]
+            logits = (h @ weight.T if bias is None else torch.addmm(bias, h, weight.T)).float()  # (c, V)
+            lse = torch.logsumexp(logits, dim=-1)
+            idx = rows[: h.shape[0]]
+            total += (lse - logits[idx, t]).sum()
+            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            probs[idx, t] -= 1.0
+            grad_hidden[start:start + chunk] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
+        ctx.save_for_backward(grad_hidden)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None, None
+
+
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, bias, targets: Tensor, chunk: int = 2048) -> Tensor:
+    """``Σ_i CE(h_i Wᵀ + b, targets_i)`` for rows whose target is not -100, in fp32, computed in
+    chunks of `chunk` rows (see `_LinearCrossEntropy`). hidden [..., H], targets [...]."""
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    targets = targets.reshape(-1)
+    keep = targets != -100
+    if not bool(keep.all()):
+        hidden, targets = hidden[keep], targets[keep]
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        logits = hidden @ weight.T if bias is None else torch.addmm(bias, hidden, weight.T)
+        return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk)
