@@ -332,7 +332,9 @@ def wrap(model: nn.Module, config: LoraConfig, adapter_name: str = "default") ->
 
 
 def _finite(weights: LoraWeights) -> bool:
-    return bool(torch.isfinite(weights.delta()).all())
+    """ΔW and every parameter of the adapter (e.g. DoRA's magnitude) are free of NaN/Inf."""
+    return bool(torch.isfinite(weights.delta()).all()) and all(
+        bool(torch.isfinite(p).all()) for p in weights.parameters())
 
 
 # -- targeting --------------------------------------------------------------------------------
