@@ -1,0 +1,79 @@
+"""A fingerprint of the base model an adapter was trained on, to catch loading onto another one.
+
+The fingerprint holds the model class, its ``model_type``, the shape of every targeted base
+weight and a SHA-256 over a fixed sample of those weights (up to `SAMPLE` evenly spaced entries
+per weight, rounded to bfloat16 so a model loaded in fp32, fp16 or bf16 hashes alike). Sampling
+keeps it cheap for billion-parameter bases while any retraining, merge or swap of the base
+changes it. Weights with an adapter merged into them, or on the meta device, leave the hash out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Iterable, Optional
+
+import torch
+from torch import nn
+
+from ..layers import LoraLayer
+
+SAMPLE = 1024
+
+
+def fingerprint(root: nn.Module, module_paths: Iterable[str]) -> dict[str, Any]:
+    """The fingerprint of `root` (the base model) for the targeted modules at `module_paths`."""
+    digest = hashlib.sha256()
+    hashable = True
+    shapes = {}
+    for path in sorted(set(module_paths)):
+        module = root.get_submodule(path)
+        if isinstance(module, LoraLayer):
+            hashable = hashable and not module.merged
+            module = module.base_layer
+        weight = module.weight
+        shapes[path] = list(weight.shape)
+        hashable = hashable and not weight.is_meta
+        if hashable:
+            digest.update(path.encode())
+            digest.update(_sample_bytes(weight))
+    config = getattr(root, "config", None)
+    return {
+        "architecture": type(root).__name__,
+        "model_type": getattr(config, "model_type", None),
+        "weights": shapes,
+        "sample_sha256": digest.hexdigest() if hashable else None,
+    }
+
+
+def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """How `current` differs from `saved`, in words (empty when they agree)."""
+    found = []
+    if saved.get("architecture") != current["architecture"]:
+        found.append(f"the adapter was saved on a {saved.get('architecture')}, this model is a "
+                     f"{current['architecture']}")
+    saved_shapes: dict = saved.get("weights") or {}
+    changed = [p for p, shape in current["weights"].items() if p in saved_shapes and saved_shapes[p] != shape]
+    if changed:
+        found.append(f"base weight shapes differ at {', '.join(changed[:3])}")
+    ours, theirs = current["sample_sha256"], saved.get("sample_sha256")
+    if not changed and ours and theirs and ours != theirs:
+        found.append(f"the targeted base weights differ from those it was saved with "
+                     f"(sampled hash {theirs[:12]}… vs {ours[:12]}…)")
+    return found
+
+
+def describe(saved: Optional[dict[str, Any]]) -> str:
+    if not saved:
+        return "none (not saved by lorafit)"
+    digest = saved.get("sample_sha256")
+    return (f"{saved.get('architecture')} ({saved.get('model_type')}), {len(saved.get('weights') or {})} "
+            f"targeted weights, sampled hash {digest[:12] if digest else 'not recorded'}")
+
+
+def _sample_bytes(weight: torch.Tensor) -> bytes:
+    flat = weight.detach().reshape(-1)
+    count = min(flat.numel(), SAMPLE)
+    stride = flat.numel() // max(count, 1)
+    index = torch.arange(count, device=flat.device) * stride
+    values = flat[index].float().to(torch.bfloat16).view(torch.int16)
+    return values.cpu().numpy().tobytes()

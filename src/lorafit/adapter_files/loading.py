@@ -1,0 +1,351 @@
+"""Loading an adapter directory into a model: check everything, then apply.
+
+`plan` checks a read `AdapterDir` against the model without changing it: the config, that every
+targeted module has its tensors and every tensor lands somewhere, shapes and ranks, and the
+base-model fingerprint. Only then does `load_adapter` touch the model, with steps that cannot
+fail on the file's account (tensor copies of checked shapes), so a failed load leaves the model
+exactly as it was.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..config import LoraConfig
+from ..errors import AdapterError, AdapterFileError, ConfigError, TargetError
+from ..layers import INIT_HOOKS, LoraLayer, LoraWeights, ModulesToSave, find_kind
+from ..model import TARGET_CHECKS, LoraModel, _find_modules_to_save, find_targets, weights_class
+from . import fingerprints as fp
+from .keys import PREFIX, split_lora_key, strip_prefix, tensor_keys
+from .peft_config import config_from_peft
+from .reading import AdapterDir, AdapterFileWarning, read_adapter_dir
+
+PathLike = Union[str, "os.PathLike[str]"]
+# Per-model record of what each loaded adapter's file held beyond its LoraConfig, so saving it
+# again writes it back: {adapter name: FileRecord}. Stored on the LoraModel instance.
+RECORDS_ATTR = "_adapter_file_records"
+
+
+@dataclass
+class FileRecord:
+    """The config object an adapter was loaded with, its extra config keys and user metadata.
+    Valid only while ``model.peft_config[name] is config`` (a re-created adapter drops it)."""
+
+    config: LoraConfig
+    extras: dict[str, Any]
+    metadata: dict[str, Any]
+
+
+@dataclass
+class Plan:
+    """A checked adapter, ready to apply: tensors by destination."""
+
+    config: LoraConfig
+    extras: dict[str, Any]
+    metadata: dict[str, Any]
+    variant: type[LoraWeights]
+    lora: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # module path -> {param: tensor}
+    saved: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # modules_to_save path -> state dict
+    base: list[tuple[nn.Parameter, Tensor]] = field(default_factory=list)  # base biases / embeddings
+
+
+def load(model: nn.Module, path: PathLike, adapter_name: str = "default", *, trainable: bool = False,
+         strict: bool = False, allow_pickle: bool = False) -> LoraModel:
+    """Load the adapter in `path` onto `model` and activate it: ``lorafit.load(base, "out/")``.
+
+    `model` is a plain model (wrapped into a new `LoraModel`) or a `LoraModel` (the adapter is
+    added). Unless `trainable`, the adapter is frozen and the model is put in eval mode. With
+    `strict`, a base-model fingerprint mismatch is an error instead of a warning. If loading
+    fails, `model` is left unchanged.
+    """
+    root = model.model if isinstance(model, LoraModel) else model
+    adapter = read_adapter_dir(path, allow_pickle=allow_pickle)
+    checked = plan(root, adapter, trainable=trainable, strict=strict)
+    lora_model = model if isinstance(model, LoraModel) else LoraModel(model)
+    _check_new_name(lora_model, adapter_name, replace=False)
+    _apply_new(lora_model, adapter_name, checked)
+    lora_model.set_adapter(adapter_name)
+    if not trainable:
+        lora_model.eval()
+    return lora_model
+
+
+def load_adapter(model: LoraModel, path: PathLike, adapter_name: str = "default", *, replace: bool = False,
+                 trainable: bool = False, strict: bool = False, allow_pickle: bool = False) -> None:
+    """Add the adapter in `path` to `model` as `adapter_name` (not activated, like PEFT).
+
+    With `replace`, an existing adapter of that name is replaced. When the new one has the same
+    targets, ranks, variant and modules_to_save, its tensors are copied into the existing
+    parameters (a hot swap: no module is rebuilt, so a ``torch.compile``'d model does not
+    recompile; a different scaling is folded into B); otherwise the old adapter is deleted and
+    the new one built, staying active if the old one was. See `load` for the other arguments.
+    """
+    adapter = read_adapter_dir(path, allow_pickle=allow_pickle)
+    checked = plan(model.model, adapter, trainable=trainable, strict=strict)
+    _check_new_name(model, adapter_name, replace)
+    if adapter_name not in model.peft_config:
+        _apply_new(model, adapter_name, checked)
+    elif _fits(model, adapter_name, checked):
+        _hot_swap(model, adapter_name, checked)
+    else:
+        active = model.active_adapters
+        model.delete_adapter(adapter_name)
+        _apply_new(model, adapter_name, checked)
+        if adapter_name in active:
+            model.set_adapter(active)
+
+
+def plan(root: nn.Module, adapter: AdapterDir, trainable: bool = False, strict: bool = False) -> Plan:
+    """Check `adapter` against the base model `root` (which may already hold lorafit layers)."""
+    config, extras = config_from_peft(adapter.config, where=str(adapter.config_file))
+    if config.target_modules is None:
+        raise AdapterFileError(f"{adapter.config_file}: target_modules is not set")
+    config = config.replace(inference_mode=not trainable,
+                            modules_to_save=_present_modules_to_save(root, config.modules_to_save))
+    try:
+        variant = weights_class(config)
+        targets = find_targets(root, config)
+        for path, module in targets:
+            for check in TARGET_CHECKS:
+                check(config, path, module.base_layer if isinstance(module, LoraLayer) else module)
+    except ConfigError as exc:  # TargetError included
+        raise AdapterFileError(f"{adapter.config_file}: {exc}") from None
+    result = Plan(config, extras, adapter.user_metadata, variant)
+    remaining = dict(adapter.tensors)
+    for path, module in targets:
+        result.lora[path] = _take_lora_tensors(adapter, remaining, path, module, config, variant)
+    for path, module in _find_modules_to_save(root, config.modules_to_save or []):
+        result.saved[path] = _take_saved_module(adapter, remaining, path, module)
+    for key in list(remaining):
+        result.base.append((_base_parameter(adapter, root, config, key, remaining.pop(key)), adapter.tensors[key]))
+    _check_fingerprint(adapter, root, config, list(result.lora), strict)
+    return result
+
+
+def records(model: LoraModel) -> dict[str, FileRecord]:
+    if RECORDS_ATTR not in model.__dict__:
+        model.__dict__[RECORDS_ATTR] = {}
+    return model.__dict__[RECORDS_ATTR]
+
+
+def file_record(model: LoraModel, adapter_name: str) -> Optional[FileRecord]:
+    """What the adapter's file held beyond its config, if the adapter is still as loaded."""
+    record = records(model).get(adapter_name)
+    return record if record is not None and model.peft_config.get(adapter_name) is record.config else None
+
+
+def loaded_metadata(model: LoraModel, adapter_name: str = "default") -> dict[str, Any]:
+    """The user metadata (e.g. ``{"labels": [...]}``) saved with `adapter_name`'s file, if any."""
+    record = file_record(model, adapter_name)
+    return dict(record.metadata) if record else {}
+
+
+# -- checking ----------------------------------------------------------------------------------
+
+
+def _present_modules_to_save(root: nn.Module, names: Optional[list[str]]) -> Optional[list[str]]:
+    """The entries that match a module of `root`. PEFT adds task defaults (e.g. "classifier" and
+    "score" for SEQ_CLS) that may match nothing; the tensors, checked later, are the ground truth."""
+    present = []
+    for name in dict.fromkeys(names or []):
+        try:
+            _find_modules_to_save(root, [name])
+        except TargetError:
+            continue
+        present.append(name)
+    return present or None
+
+
+def _take_lora_tensors(adapter: AdapterDir, remaining: dict[str, Tensor], path: str, module: nn.Module,
+                       config: LoraConfig, variant: type[LoraWeights]) -> dict[str, Tensor]:
+    """Pop and check the tensors of the adapter on `module`, against a scratch layer built
+    beside the model (the model itself is not touched)."""
+    base = module.base_layer if isinstance(module, LoraLayer) else module
+    scratch = find_kind(base).wrap(base)
+    r = config.rank_for(path)
+    probe = scratch.create("probe", r, config.scaling_for(path), 0.0, True, weights_cls=variant)
+    names = tensor_keys(type(scratch), variant)
+    found = {}
+    for param, expected in probe.named_parameters():
+        if param not in names:
+            raise AdapterFileError(f"{variant.__name__}.{param} has no name in the adapter file format; "
+                                   f"see lorafit.adapter_files.register_tensor_keys")
+        key = f"{PREFIX}{path}.{names[param]}"
+        if key not in remaining:
+            raise AdapterFileError(f"{adapter.weights_file}: missing tensor {key!r} for module {path!r}, "
+                                   f"which {adapter.config_file.name} targets")
+        tensor = remaining.pop(key)
+        if tuple(tensor.shape) != tuple(expected.shape):
+            raise AdapterFileError(f"{adapter.weights_file}: tensor {key!r} "
+                                   f"{_shape_problem(param, tensor, expected, r, config, path, base)}")
+        found[param] = tensor
+    return found
+
+
+def _shape_problem(param: str, tensor: Tensor, expected: Tensor, r: int, config: LoraConfig, path: str,
+                   base: nn.Module) -> str:
+    rank_dim = {"A": 0, "B": 1}.get(param)
+    same_ndim = tensor.dim() == expected.dim() and rank_dim is not None
+    if same_ndim and all(t == e for d, (t, e) in enumerate(zip(tensor.shape, expected.shape)) if d != rank_dim):
+        source = "rank_pattern" if r != config.r else "r"
+        return (f"has rank {tensor.shape[rank_dim]}, but adapter_config.json gives {path!r} rank {r} "
+                f"(from {source})")
+    return (f"has shape {tuple(tensor.shape)}, which does not fit module {path!r} ({type(base).__name__} "
+            f"with weight {tuple(base.weight.shape)}): expected {tuple(expected.shape)} for rank {r}")
+
+
+def _take_saved_module(adapter: AdapterDir, remaining: dict[str, Tensor], path: str,
+                       module: nn.Module) -> dict[str, Tensor]:
+    """Pop the state of a modules_to_save copy. PEFT stores it under the module's own path
+    (``P.weight``); older PEFT versions under ``P.modules_to_save.weight``, also accepted.
+    Copies of the frozen original (``P.original_module.*``, written with bias="all") are unused."""
+    original = module.original_module if isinstance(module, ModulesToSave) else module
+    state = {}
+    for name, expected in original.state_dict().items():
+        keys = [f"{PREFIX}{path}.{name}", f"{PREFIX}{path}.modules_to_save.{name}"]
+        key = next((k for k in keys if k in remaining), None)
+        if key is None:
+            raise AdapterFileError(f"{adapter.weights_file}: missing tensor {keys[0]!r} of module {path!r}, "
+                                   f"listed in modules_to_save")
+        tensor = remaining.pop(key)
+        if tensor.shape != expected.shape:
+            raise AdapterFileError(f"{adapter.weights_file}: tensor {key!r} has shape {tuple(tensor.shape)}, but "
+                                   f"{path}.{name} has shape {tuple(expected.shape)}")
+        state[name] = tensor
+    for key in [k for k in remaining if k.startswith(f"{PREFIX}{path}.original_module.")]:
+        del remaining[key]
+    return state
+
+
+def _base_parameter(adapter: AdapterDir, root: nn.Module, config: LoraConfig, key: str,
+                    tensor: Tensor) -> nn.Parameter:
+    """The base parameter a non-LoRA tensor goes to: a bias (bias="all"/"lora_only") or an
+    embedding matrix (PEFT saves those when an embedding is targeted). Anything else is refused."""
+    lora_key = split_lora_key(key)
+    path, _, leaf = strip_prefix(key).rpartition(".")
+    if path.endswith(".base_layer") or path == "base_layer":
+        path = path[: -len("base_layer")].rstrip(".")
+    module = _module_at(root, path)
+    if isinstance(module, LoraLayer):
+        module = module.base_layer
+    param = getattr(module, leaf, None) if module is not None else None
+    embedding = isinstance(module, nn.Embedding) or module in _embedding_modules(root)
+    if lora_key is not None or not isinstance(param, nn.Parameter) or not (leaf == "bias" or embedding):
+        raise AdapterFileError(f"{adapter.weights_file}: tensor {key!r} matches no module "
+                               f"{_why_unmatched(root, config, lora_key[0] if lora_key else path)}")
+    if tensor.shape != param.shape:
+        raise AdapterFileError(f"{adapter.weights_file}: tensor {key!r} has shape {tuple(tensor.shape)}, but "
+                               f"{path}.{leaf} has shape {tuple(param.shape)}")
+    return param
+
+
+def _why_unmatched(root: nn.Module, config: LoraConfig, path: str) -> str:
+    name = type(root).__name__
+    if _module_at(root, path) is None:
+        return f"({path!r} is not a module of {name})"
+    return (f"the adapter config selects ({path!r} exists in {name}, but target_modules="
+            f"{config.target_modules!r} with its filters does not select it)")
+
+
+def _module_at(root: nn.Module, path: str) -> Optional[nn.Module]:
+    try:
+        return root.get_submodule(path) if path else root
+    except AttributeError:
+        return None
+
+
+def _embedding_modules(root: nn.Module) -> list[nn.Module]:
+    found = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        module = getattr(root, getter, lambda: None)()
+        found.append(module.base_layer if isinstance(module, LoraLayer) else module)
+    return [m for m in found if m is not None]
+
+
+def _check_fingerprint(adapter: AdapterDir, root: nn.Module, config: LoraConfig, paths: list[str],
+                       strict: bool) -> None:
+    """Compare with the saved fingerprint. Adapters whose initialisation rewrites the base
+    (PiSSA, OLoRA: `INIT_HOOKS`) were saved over the rewritten base, and loading rewrites it
+    again, so only their shapes are compared."""
+    saved = adapter.fingerprint
+    if not saved:
+        return
+    current = fp.fingerprint(root, paths)
+    if isinstance(config.init_lora_weights, str) and config.init_lora_weights.split("_niter_")[0] in INIT_HOOKS:
+        current["sample_sha256"] = None
+    found = fp.differences(saved, current)
+    if found:
+        message = f"{adapter.weights_file}: base model fingerprint does not match: {'; '.join(found)}"
+        if strict:
+            raise AdapterFileError(message)
+        warnings.warn(message + " (strict=True makes this an error)", AdapterFileWarning, stacklevel=4)
+
+
+# -- applying ----------------------------------------------------------------------------------
+
+
+def _check_new_name(model: LoraModel, name: str, replace: bool) -> None:
+    if name in model.peft_config and not replace:
+        raise AdapterError(f"an adapter named {name!r} already exists; pass replace=True to replace it, "
+                           f"or choose another adapter_name")
+    if name in model.merged_adapters:
+        raise AdapterError(f"adapter {name!r} is merged into the base weights; unmerge() before replacing it")
+
+
+def _apply_new(model: LoraModel, name: str, checked: Plan) -> None:
+    model.add_adapter(name, checked.config)
+    config = model.peft_config[name]
+    with torch.no_grad():
+        for path, tensors in checked.lora.items():
+            weights = model.model.get_submodule(path).lora[name]
+            for param, tensor in tensors.items():
+                weights.get_parameter(param).copy_(tensor)
+        _copy_shared(model, name, checked)
+    records(model)[name] = FileRecord(config, checked.extras, checked.metadata)
+
+
+def _fits(model: LoraModel, name: str, checked: Plan) -> bool:
+    """Whether `checked` can replace adapter `name` in place: same modules, variant and shapes,
+    and dropout present or absent alike (its rate may change)."""
+    layers = {path: layer.lora[name] for path, layer in model.lora_layers() if name in layer.lora}
+    copies = {path for path, w in model.wrappers() if isinstance(w, ModulesToSave) and name in w.modules_to_save}
+    if set(layers) != set(checked.lora) or copies != set(checked.saved):
+        return False
+    dropout = checked.config.lora_dropout
+    for path, weights in layers.items():
+        if type(weights) is not checked.variant or isinstance(weights.dropout, nn.Identity) != (dropout == 0):
+            return False
+        if any(weights.get_parameter(p).shape != t.shape for p, t in checked.lora[path].items()):
+            return False
+    return True
+
+
+def _hot_swap(model: LoraModel, name: str, checked: Plan) -> None:
+    """Copy into the existing parameters. Each layer keeps its scaling (a Python float a compiled
+    graph is specialised on), so the file's scaling is folded into B: ``s_file B = s_kept B'``."""
+    with torch.no_grad():
+        for path, tensors in checked.lora.items():
+            weights = model.model.get_submodule(path).lora[name]
+            ratio = checked.config.scaling_for(path) / weights.scaling
+            for param, tensor in tensors.items():
+                weights.get_parameter(param).copy_(tensor * ratio if param == "B" and ratio != 1.0 else tensor)
+            if checked.config.lora_dropout > 0:
+                weights.dropout.p = checked.config.lora_dropout
+        _copy_shared(model, name, checked)
+    model.peft_config[name] = checked.config
+    records(model)[name] = FileRecord(checked.config, checked.extras, checked.metadata)
+    if model.active_adapters:
+        model.set_adapter(model.active_adapters)  # refreshes requires_grad for the new inference_mode
+
+
+def _copy_shared(model: LoraModel, name: str, checked: Plan) -> None:
+    for path, state in checked.saved.items():
+        model.model.get_submodule(path).modules_to_save[name].load_state_dict(state)
+    for param, tensor in checked.base:
+        param.copy_(tensor)

@@ -1,0 +1,98 @@
+"""``adapter_config.json`` <-> `LoraConfig`, PEFT's key names on both sides.
+
+lorafit's `LoraConfig` fields carry PEFT's names, so most keys map one to one. PEFT has more
+keys than lorafit uses; each falls in one of three groups:
+
+* keys whose non-default value changes the adapter's maths in a way lorafit does not implement
+  (`UNSUPPORTED`): refused, because loading would give different outputs than PEFT;
+* keys that only matter to PEFT's bookkeeping, to training or to initialisation (`BOOKKEEPING`):
+  kept and written back on save, never reported;
+* any other key (a newer PEFT's): kept and written back; reported by a warning when its value is
+  not a default (None, False, empty), since lorafit ignores it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Mapping
+
+from ..config import LoraConfig, field_names, is_valid_init
+from ..errors import AdapterFileError, ConfigError
+
+PEFT_TYPE = "LORA"
+
+# key -> what it enables; a non-default value is refused.
+UNSUPPORTED = {
+    "use_qalora": "QA-LoRA (input pooling for quantised bases)",
+    "lora_bias": "a trainable bias on lora_B",
+    "layer_replication": "layer replication (a deeper model built from shared layers)",
+    "target_parameters": "LoRA on bare nn.Parameters (e.g. MoE experts)",
+    "trainable_token_indices": "trainable token embeddings",
+    "alora_invocation_tokens": "Activated LoRA (aLoRA)",
+    "kasa_config": "KaSA (learned singular values between A and B)",
+    "use_bdlora": "block-diagonal LoRA",
+    "arrow_config": "Arrow routing between adapters",
+    "monteclora_config": "MonteCLoRA (variational sampling)",
+}
+# Keys that do not change the loaded adapter's outputs: kept on round trip, not reported.
+BOOKKEEPING = {
+    "peft_version", "auto_mapping", "revision", "megatron_config", "megatron_core", "qalora_group_size",
+    "loftq_config", "eva_config", "corda_config", "lora_ga_config", "velora_config", "ensure_weight_tying",
+}
+# Runtime-only settings PEFT itself drops when loading.
+DROPPED = {"peft_type", "runtime_config"}
+# init_lora_weights schemes that rewrite the base weights at initialisation and that lorafit does
+# not implement. PEFT redoes the rewrite when loading such an adapter (unless it was converted to
+# a plain LoRA when saved); lorafit cannot, so it warns. PiSSA and OLoRA are redone, as in PEFT.
+UNREPRODUCED_INITS = ("corda", "loftq", "lora_ga")
+
+
+def is_default(value: Any) -> bool:
+    return value is None or value is False or (isinstance(value, (dict, list, str)) and not value)
+
+
+def config_from_peft(data: Any, where: str) -> tuple[LoraConfig, dict[str, Any]]:
+    """Build a `LoraConfig` from an ``adapter_config.json`` object.
+
+    Returns the config and the *extras*: every key lorafit does not model (plus an
+    ``init_lora_weights`` value lorafit does not know, replaced by True in the config: the scheme
+    only matters at initialisation, and loading overwrites the factors). `where` names the file.
+    """
+    if not isinstance(data, Mapping):
+        raise AdapterFileError(f"{where}: expected a JSON object, found {type(data).__name__}")
+    peft_type = data.get("peft_type")
+    if peft_type != PEFT_TYPE:
+        found = "no peft_type key" if "peft_type" not in data else f"peft_type {peft_type!r}"
+        raise AdapterFileError(f"{where}: {found}; lorafit loads LoRA adapters (peft_type \"{PEFT_TYPE}\") only")
+    refused = [f"{key} = {data[key]!r} ({what})" for key, what in UNSUPPORTED.items()
+               if key in data and not is_default(data[key])]
+    if refused:
+        raise AdapterFileError(f"{where}: uses PEFT features lorafit does not implement, so its outputs would "
+                               f"differ: {'; '.join(refused)}")
+    fields = set(field_names())
+    kwargs = {key: value for key, value in data.items() if key in fields}
+    extras = {key: value for key, value in data.items() if key not in fields and key not in DROPPED}
+    init = kwargs.get("init_lora_weights", True)
+    if any(str(init).lower().startswith(scheme) for scheme in UNREPRODUCED_INITS):
+        warnings.warn(f"{where}: init_lora_weights = {init!r} rewrites the base weights, which lorafit cannot "
+                      f"redo; the adapter only fits that rewritten base model", stacklevel=3)
+    if not is_valid_init(init):
+        kwargs["init_lora_weights"] = True
+        extras["init_lora_weights"] = init
+    unknown = sorted(key for key, value in extras.items()
+                     if key not in BOOKKEEPING and key not in UNSUPPORTED and key != "init_lora_weights"
+                     and not is_default(value))
+    if unknown:
+        warnings.warn(f"{where}: keys lorafit does not use, kept for saving but without effect: "
+                      f"{', '.join(f'{k} = {extras[k]!r}' for k in unknown)}", stacklevel=3)
+    try:
+        config = LoraConfig.from_dict(kwargs, where=where)
+    except ConfigError as exc:
+        raise AdapterFileError(str(exc)) from None
+    return config, extras
+
+
+def config_to_peft(config: LoraConfig, extras: Mapping[str, Any], **overrides: Any) -> dict[str, Any]:
+    """The ``adapter_config.json`` object for `config`: its fields, the kept `extras`, PEFT's
+    ``peft_type`` and ``inference_mode: true`` (as PEFT writes it), then `overrides`."""
+    return {**config.to_dict(), **extras, "peft_type": PEFT_TYPE, "inference_mode": True, **overrides}
