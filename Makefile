@@ -18,7 +18,8 @@ venv: $(STAMP)
 demo: $(STAMP)  ## offline LoRA fine-tune of all-MiniLM-L6-v2 for sentiment, before/after accuracy
 	HF_HUB_OFFLINE=1 $(PY) -m lorafit.demo
 
-test: $(STAMP)  ## the whole test suite, as CI runs it
+test: $(STAMP)  ## the whole test suite, as CI runs it (installs headless Chromium for the page test if it can)
+	-bash scripts/ensure-chromium.sh
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 bench: $(STAMP)  ## lorafit vs PEFT side by side; writes bench/results.json and the README table
