@@ -16,6 +16,8 @@ from .errors import LorafitError
 # subcommand -> module that registers it
 COMMANDS = {
     "serve": "lorafit.serve.cli",
+    "inspect": "lorafit.adapter_cli",
+    "merge": "lorafit.adapter_cli",
     "train": "lorafit.train.commands.train",
     "eval": "lorafit.train.commands.eval",
     "generate": "lorafit.train.commands.generate",
