@@ -315,10 +315,11 @@ class LoraModel(nn.Module):
 
     # -- adapter files ---------------------------------------------------------------------------
 
-    def save_adapter(self, path, adapter_names: Optional[Sequence[str]] = None, **kwargs) -> None:
+    def save_adapter(self, path, adapter_names: Optional[Sequence[str]] = None, **kwargs) -> list:
+        """Save adapters in PEFT's format; returns the directories written (`adapter_files.save_adapter`)."""
         from .adapter_files import save_adapter
 
-        save_adapter(self, path, adapter_names=adapter_names, **kwargs)
+        return save_adapter(self, path, adapter_names=adapter_names, **kwargs)
 
     def load_adapter(self, path, adapter_name: str = "default", **kwargs) -> None:
         from .adapter_files import load_adapter
