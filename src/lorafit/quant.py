@@ -240,7 +240,7 @@ def _probe_error(exact: Tensor, approx: Tensor) -> float:
 
 def requantization_report(model: nn.Module) -> dict[str, float]:
     """{module path: output error of the last in-place merge/unmerge} for quantised LoRA layers."""
-    return {name: m.requantization_error for name, m in model.named_modules()
+    return {name: m.requantization_error for name, m in _unwrapped(model).named_modules()
             if isinstance(m, QuantLoraLinear) and m.requantization_error is not None}
 
 
@@ -297,7 +297,7 @@ def describe_quantization(model: nn.Module) -> Optional[dict[str, Any]]:
     `prepare_merge_base` takes it back.
     """
     quantized, plain = [], []
-    for name, module in _base_modules(model):
+    for name, module in _base_modules(_unwrapped(model)):
         if is_quantized_linear(module):
             quantized.append(module)
         elif isinstance(module, nn.Linear):
@@ -403,6 +403,13 @@ def _base_modules(model: nn.Module, prefix: str = "", leaves_only: bool = True):
         yield from _base_modules(child, path, leaves_only)
     if not prefix and not leaves_only:
         yield "", model
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The base model inside a `LoraModel` (module paths are then the base model's)."""
+    from .model import LoraModel
+
+    return model.model if isinstance(model, LoraModel) else model
 
 
 def _set_module(root: nn.Module, path: str, new: nn.Module) -> None:
