@@ -123,6 +123,11 @@ def plan(root: nn.Module, adapter: AdapterDir, trainable: bool = False, strict: 
     for path, module in _find_modules_to_save(root, config.modules_to_save or []):
         result.saved[path] = _take_saved_module(adapter, remaining, path, module)
     for key in list(remaining):
+        lora_key = split_lora_key(key)
+        if lora_key is not None and lora_key[0] in result.lora:
+            raise AdapterFileError(f"{adapter.weights_file}: tensor {key!r} is not part of a {variant.__name__} "
+                                   f"adapter on {lora_key[0]!r} (does use_dora in {adapter.config_file.name} "
+                                   f"match the file?)")
         result.base.append((_base_parameter(adapter, root, config, key, remaining.pop(key)), adapter.tensors[key]))
     _check_fingerprint(adapter, root, config, list(result.lora), strict)
     return result
@@ -249,8 +254,8 @@ def _why_unmatched(root: nn.Module, config: LoraConfig, path: str) -> str:
     name = type(root).__name__
     if _module_at(root, path) is None:
         return f"({path!r} is not a module of {name})"
-    return (f"the adapter config selects ({path!r} exists in {name}, but target_modules="
-            f"{config.target_modules!r} with its filters does not select it)")
+    return (f"the adapter config selects ({path!r} exists in {name}, but neither target_modules="
+            f"{config.target_modules!r} with its filters nor modules_to_save={config.modules_to_save!r} selects it)")
 
 
 def _module_at(root: nn.Module, path: str) -> Optional[nn.Module]:

@@ -18,6 +18,7 @@ from typing import Any, Mapping
 
 from ..config import LoraConfig, field_names, is_valid_init
 from ..errors import AdapterFileError, ConfigError
+from .reading import AdapterFileWarning
 
 PEFT_TYPE = "LORA"
 
@@ -75,7 +76,7 @@ def config_from_peft(data: Any, where: str) -> tuple[LoraConfig, dict[str, Any]]
     init = kwargs.get("init_lora_weights", True)
     if any(str(init).lower().startswith(scheme) for scheme in UNREPRODUCED_INITS):
         warnings.warn(f"{where}: init_lora_weights = {init!r} rewrites the base weights, which lorafit cannot "
-                      f"redo; the adapter only fits that rewritten base model", stacklevel=3)
+                      f"redo; the adapter only fits that rewritten base model", AdapterFileWarning, stacklevel=3)
     if not is_valid_init(init):
         kwargs["init_lora_weights"] = True
         extras["init_lora_weights"] = init
@@ -84,7 +85,7 @@ def config_from_peft(data: Any, where: str) -> tuple[LoraConfig, dict[str, Any]]
                      and not is_default(value))
     if unknown:
         warnings.warn(f"{where}: keys lorafit does not use, kept for saving but without effect: "
-                      f"{', '.join(f'{k} = {extras[k]!r}' for k in unknown)}", stacklevel=3)
+                      f"{', '.join(f'{k} = {extras[k]!r}' for k in unknown)}", AdapterFileWarning, stacklevel=3)
     try:
         config = LoraConfig.from_dict(kwargs, where=where)
     except ConfigError as exc:
