@@ -182,11 +182,6 @@ def test_safe_merge_refuses_a_nan_magnitude():
     assert torch.equal(layer.base_layer.weight, before)
 
 
-def tiny_conv():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(4))
-
-
 @pytest.mark.parametrize("model_fn, target, kind", [
     (tiny_llama, "embed_tokens", "Embedding"),
     (lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 1)), "0", "Conv2d"),
