@@ -29,6 +29,7 @@ from typing import Any, Callable, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..atomic import atomic_write_files
 from ..errors import TrainingError
 
 CHECKPOINTS = "checkpoints"
@@ -88,15 +89,15 @@ def save_checkpoint(run_dir: Path, state: TrainState, model, optimizer, schedule
     tensors.update({f"param.{name}": p.detach().contiguous().cpu()
                     for name, p in model.named_parameters() if p.requires_grad})
     tensors.update(_torch_rng())
-    save_file(tensors, tmp / "state.safetensors")
     meta = {
         "train": asdict(state),
         "optimizer": optim_json,
         "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else None,
+        "scaler": scaler.state_dict(),
         "rng": _host_rng(),
     }
-    (tmp / "state.json").write_text(json.dumps(meta), encoding="utf-8")
+    atomic_write_files([(tmp / "state.safetensors", lambda p: save_file(tensors, p)),  # fsync'ed
+                        (tmp / "state.json", lambda p: p.write_text(json.dumps(meta), encoding="utf-8"))])
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     for _, old in list_checkpoints(run_dir)[:-keep_last]:
@@ -121,8 +122,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, scaler) -> TrainSta
             p.copy_(tensors[f"param.{name}"])
     _load_optimizer(optimizer, tensors, meta["optimizer"], path)
     scheduler.load_state_dict(meta["scheduler"])
-    if scaler is not None and meta["scaler"] is not None:
-        scaler.load_state_dict(meta["scaler"])
+    scaler.load_state_dict(meta["scaler"])
     _set_rng(tensors, meta["rng"])
     return TrainState(**meta["train"])
 

@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+from ..atomic import atomic_write_text
+
 # Fields that measure time, not training: they differ between identical runs.
 TIMING_FIELDS = ("tokens_per_s", "elapsed_s")
 
@@ -33,7 +35,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 def truncate_metrics(path: Path, step: int) -> None:
     """Keep only the records up to `step` (a resumed run rewrites what follows)."""
     kept = [r for r in read_metrics(path) if r["step"] <= step]
-    path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 class MetricsWriter:

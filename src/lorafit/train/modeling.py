@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -13,7 +12,6 @@ from ..errors import ConfigError
 from ..model import LoraModel, wrap
 from .config import ModelConfig, RunConfig
 
-LABELS_FILE = "labels.json"
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -83,7 +81,10 @@ def build_model(cfg: RunConfig, labels: Optional[Sequence[str]], device: torch.d
     if cfg.task == "classification" and lora.modules_to_save is None:
         lora = lora.replace(modules_to_save=head_modules(base))
     if cfg.model.gradient_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.enable_input_require_grads()  # the frozen embeddings would otherwise cut the graph
         base.config.use_cache = False
     model = wrap(base, lora).to(device)
@@ -94,20 +95,17 @@ def build_model(cfg: RunConfig, labels: Optional[Sequence[str]], device: torch.d
     return model
 
 
-def save_labels(adapter_dir: Path, labels: Sequence[str]) -> None:
-    """Class names in id order, saved next to a classifier's adapter files."""
-    (adapter_dir / LABELS_FILE).write_text(json.dumps({"labels": list(labels)}) + "\n", encoding="utf-8")
-
-
 def read_labels(adapter_dir: Path) -> Optional[list[str]]:
-    path = Path(adapter_dir) / LABELS_FILE
-    return json.loads(path.read_text(encoding="utf-8"))["labels"] if path.exists() else None
+    """A classifier's label names, saved in the adapter's metadata as ``{"labels": [...]}``."""
+    from ..adapter_files import read_adapter_dir
+
+    return read_adapter_dir(adapter_dir).user_metadata.get("labels")
 
 
 def load_trained(base: str, adapter_dir: Optional[Path], dtype: str = "auto",
                  device: Optional[torch.device] = None, trust_remote_code: bool = False):
     """``(model, tokenizer, labels)`` for inference: `base` with the adapter in `adapter_dir`
-    (none: the plain base model). A ``labels.json`` beside the adapter makes it a classifier."""
+    (none: the plain base model). Labels in the adapter's metadata make it a classifier."""
     from .. import load
 
     device = device or default_device()

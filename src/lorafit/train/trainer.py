@@ -12,7 +12,6 @@ rank and world size, `batch_plan` shards the data by them, and only rank 0 write
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import random
 import sys
@@ -22,6 +21,7 @@ from typing import Any, Optional
 
 import torch
 
+from ..atomic import atomic_write_json
 from ..data import DataReport, batch_plan, collate, load_dataset_splits
 from ..errors import ConfigError, TrainingError
 from .checkpoints import TrainState, latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
@@ -29,7 +29,7 @@ from .config import METRIC_GOALS, RunConfig, TrainConfig, load_run_config, resol
 from .evaluation import evaluate, logits_of
 from .losses import LOSSES
 from .metrics import MetricsWriter, plot_losses, read_metrics, truncate_metrics
-from .modeling import build_model, default_device, dtype_name, load_tokenizer, resolve_dtype, save_labels
+from .modeling import build_model, default_device, dtype_name, load_tokenizer, resolve_dtype
 from .optim import build_optimizer, build_scheduler
 from .progress import Progress
 
@@ -227,9 +227,8 @@ class Trainer:
     # -- files -------------------------------------------------------------------------------------
 
     def _save_adapter(self, path: Path) -> None:
-        self.model.save_adapter(path)
-        if self.report.labels is not None:
-            save_labels(path, self.report.labels)
+        labels = self.report.labels
+        self.model.save_adapter(path, metadata={"labels": labels} if labels is not None else None)
 
     def _save(self) -> None:
         if self.main:
@@ -264,7 +263,7 @@ class Trainer:
         records = read_metrics(self.run_dir / "metrics.jsonl")
         summary = self._summary(records, adapter)
         if self.main:
-            write_json(self.run_dir / "summary.json", summary)
+            atomic_write_json(self.run_dir / "summary.json", summary)
             if self.cfg.output.plot:
                 plot_losses(records, self.run_dir / "loss.png")
         print(format_summary(summary))
@@ -318,7 +317,3 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines.append(f"  data: {data['train_examples']} train / {data['eval_examples']} eval examples, "
                  f"{data['truncated']} truncated, {data['skipped_records']} records skipped")
     return "\n".join(lines)
-
-
-def write_json(path: Path, value: Any) -> None:
-    path.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")

@@ -1,0 +1,183 @@
+"""The training loop in process: losses, schedule, LoRA+, accumulation, checkpoints, exact resume,
+early stopping, precision and gradient checkpointing, classification heads."""
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+import lorafit
+from lorafit.data import IGNORE_INDEX
+from lorafit.errors import TrainingError
+from lorafit.testing import tiny_llama
+from lorafit.train import trainer as trainer_module
+from lorafit.train.checkpoints import list_checkpoints
+from lorafit.train.config import TrainConfig, run_config
+from lorafit.train.losses import causal_lm_loss, causal_lm_targets, classification_loss
+from lorafit.train.modeling import head_modules, read_labels, resolve_dtype
+from lorafit.train.optim import lr_factor, param_groups
+from lorafit.train.trainer import resume, train
+
+
+def test_causal_lm_loss_is_the_models_own_mean_loss_times_the_targets():
+    model = tiny_llama()
+    ids = torch.randint(3, 500, (2, 9))
+    labels = ids.clone()
+    labels[0, :4] = IGNORE_INDEX
+    labels[1, 7:] = IGNORE_INDEX
+    with torch.no_grad():
+        out = model(input_ids=ids, labels=labels)
+    assert causal_lm_targets(labels) == 5 + 6
+    torch.testing.assert_close(causal_lm_loss(out.logits, labels) / causal_lm_targets(labels), out.loss)
+
+
+def test_classification_loss_is_summed_cross_entropy():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    expected = math.log(1 + math.exp(-2)) + math.log(1 + math.exp(1))
+    assert classification_loss(logits, torch.tensor([0, 0])).item() == pytest.approx(expected)
+
+
+def test_lr_schedule():
+    assert [lr_factor(s, 4, 20, "cosine") for s in range(4)] == [0, 0.25, 0.5, 0.75]
+    assert lr_factor(4, 4, 20, "cosine") == 1.0
+    assert lr_factor(12, 4, 20, "cosine") == pytest.approx(0.5)
+    assert lr_factor(12, 4, 20, "linear") == pytest.approx(0.5)
+    assert lr_factor(19, 4, 20, "linear") == pytest.approx(1 / 16)
+    assert lr_factor(19, 4, 20, "constant") == 1.0
+    assert TrainConfig(warmup_ratio=0.1).warmup_for(25) == 3
+
+
+def test_loraplus_puts_the_b_factors_in_their_own_group():
+    model = lorafit.wrap(tiny_llama(), lorafit.LoraConfig(target_modules=["q_proj", "v_proj"]))
+    plain = param_groups(model, TrainConfig(lr=1e-3))
+    assert len(plain) == 1 and len(plain[0]["params"]) == 8
+    groups = param_groups(model, TrainConfig(lr=1e-3, loraplus_lr_ratio=16))
+    b_factors = {id(w.B) for _, layer in model.lora_layers() for w in layer.lora.values()}
+    assert [g["lr"] for g in groups] == [1e-3, 16e-3]
+    assert {id(p) for p in groups[1]["params"]} == b_factors
+    assert all(id(p) not in b_factors for p in groups[0]["params"])
+    assert all(name.endswith(".B") for name in groups[1]["names"])
+
+
+def _trained(run_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+def test_accumulated_micro_batches_equal_one_big_batch(tmp_path, tiny_config):
+    """The loss of a window is normalised by all its target tokens, not per micro-batch."""
+    lora = {"lora_dropout": 0.0}
+    big = train(run_config(tiny_config(tmp_path / "big", lora=lora, train={"batch_size": 4, "grad_accum": 1})))
+    small = train(run_config(tiny_config(tmp_path / "small", lora=lora, train={"batch_size": 2, "grad_accum": 2})))
+    assert big["tokens_seen"] == small["tokens_seen"]
+    a, b = _trained(tmp_path / "big"), _trained(tmp_path / "small")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("stop", [1, 4, 7])
+def test_resume_from_any_checkpoint_is_bit_exact(tmp_path, tiny_config, run_files, stop):
+    """9 steps of 4 per epoch (the last window of an epoch is one micro-batch), dropout on."""
+    full = tmp_path / "full"
+    train(run_config(tiny_config(full, train={"max_steps": 9, "save_every": 1, "keep_last": 20,
+                                              "eval_every": 3, "log_every": 2})))
+    part = tmp_path / "part"
+    shutil.copytree(full, part)
+    for step, path in list_checkpoints(part):
+        if step > stop:
+            shutil.rmtree(path)
+    shutil.rmtree(part / "adapter")
+    (part / "summary.json").unlink()
+    resume(part)
+    a, b = _trained(full), _trained(part)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert run_files.metrics(full) == run_files.metrics(part)
+    assert json.loads((part / "summary.json").read_text())["steps"] == 9
+
+
+def test_checkpoints_keep_the_last_k_and_hold_the_data_position(tmp_path, tiny_config):
+    run = tmp_path / "run"
+    train(run_config(tiny_config(run, train={"max_steps": 6, "save_every": 2, "keep_last": 2})))
+    assert [step for step, _ in list_checkpoints(run)] == [4, 6]
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+    state = json.loads((run / "checkpoints" / "step-6" / "state.json").read_text())
+    # 27 train examples, batch 4: 7 micro-batches per epoch, 4 steps of 2; step 6 = epoch 1, batch 4
+    assert (state["train"]["step"], state["train"]["epoch"], state["train"]["batch"]) == (6, 1, 4)
+    assert (run / "checkpoints" / "step-6" / "adapter" / "adapter_model.safetensors").is_file()
+    assert not list((run / "checkpoints" / "step-6").glob("*.pt"))  # nothing to unpickle
+
+
+def test_a_run_directory_in_use_is_refused(tmp_path, tiny_config):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "notes.txt").write_text("mine")
+    with pytest.raises(lorafit.ConfigError, match="is not empty.*--resume"):
+        train(run_config(tiny_config(run)))
+
+
+def test_early_stopping_counts_evaluations_without_improvement(tmp_path, tiny_config, monkeypatch):
+    losses = iter([3.0, 2.0, 2.5, 2.1, 2.2, 1.0, 0.5])
+    monkeypatch.setattr(trainer_module, "evaluate", lambda *a, **k: {"loss": next(losses), "perplexity": 1.0})
+    summary = train(run_config(tiny_config(tmp_path / "run", train={
+        "max_steps": 12, "eval_every": 1, "early_stopping_patience": 3})))
+    assert summary["status"] == "early_stopped" and summary["steps"] == 5
+    assert summary["best"] == {"metric": "loss", "value": 2.0, "step": 2}
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_half_precision_base_trains_fp32_adapters(tmp_path, tiny_config, dtype):
+    summary = train(run_config(tiny_config(tmp_path / "run", model={"dtype": dtype}, train={"max_steps": 2})))
+    assert summary["dtype"] == dtype and math.isfinite(summary["train_loss"])
+    assert all(t.dtype == torch.float32 for t in _trained(tmp_path / "run").values())
+
+
+def test_gradient_checkpointing_gives_the_same_update(tmp_path, tiny_config):
+    lora = {"lora_dropout": 0.0}
+    plain = train(run_config(tiny_config(tmp_path / "plain", lora=lora, train={"max_steps": 2})))
+    ckpt = train(run_config(tiny_config(tmp_path / "ckpt", lora=lora, model={"gradient_checkpointing": True},
+                                        train={"max_steps": 2})))
+    assert ckpt["train_loss"] == pytest.approx(plain["train_loss"], rel=1e-5)
+    a, b = _trained(tmp_path / "plain"), _trained(tmp_path / "ckpt")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+
+
+def test_classification_trains_the_head_and_saves_the_labels(tmp_path, tiny_config, tiny_dir):
+    texts = ["The quick brown fox jumps over the lazy dog.", "Write a short poem about the sea.",
+             "List three prime numbers: 2, 3, 5.", "Explain why the sky is blue in one sentence."]
+    data = tmp_path / "cls.tsv"
+    data.write_text("text\tlabel\n" + "".join(f"{t}\t{'yes' if i % 2 else 'no'}\n" for i, t in enumerate(texts * 5)))
+    run = tmp_path / "run"
+    summary = train(run_config(tiny_config(run, data={"train_file": str(data), "format": "classification"},
+                                           lora={"target_modules": ["q_proj"]}, train={"max_steps": 2})))
+    assert set(summary["eval"]) == {"loss", "accuracy"}
+    assert read_labels(run / "adapter") == ["no", "yes"]
+    assert any(key.startswith("base_model.model.score.") for key in _trained(run))
+
+
+def test_task_heads_are_found_by_model():
+    from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForSequenceClassification
+
+    bert = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                    intermediate_size=64, vocab_size=100))
+    llama = LlamaForSequenceClassification(LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                       intermediate_size=64, vocab_size=100))
+    assert head_modules(bert) == ["classifier"]
+    assert head_modules(llama) == ["score"]
+    assert head_modules(tiny_llama()) == ["lm_head"]
+
+
+def test_auto_dtype_is_fp32_on_cpu():
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+
+
+def test_a_diverging_run_raises_and_keeps_its_checkpoint(tmp_path, tiny_config):
+    run = tmp_path / "run"
+    with pytest.raises(TrainingError, match=r"diverged at step \d+.*the last good checkpoint is .*step-\d+"):
+        train(run_config(tiny_config(run, train={"lr": 1e37, "warmup_steps": 0, "save_every": 1,
+                                                 "max_steps": 6})))
+    assert list_checkpoints(run) and not (run / "adapter").exists()
