@@ -136,7 +136,7 @@ def export_merged(base: str, adapter: str, out: str, dtype: str = "auto", strict
     except (OSError, ValueError) as exc:
         raise AdapterFileError(f"cannot read the base model config at {base!r}: {exc}") from None
     model_cls = _model_class(transformers, files, base_config)
-    kwargs = _label_kwargs(files.user_metadata.get("labels"))
+    kwargs = _label_kwargs(files.user_metadata.get("labels")) if "Classification" in model_cls.__name__ else {}
     model = model_cls.from_pretrained(base, dtype=torch.float32, **kwargs)
     merged = load(model, adapter, strict=strict).merge_and_unload(safe=True)
     merged.to(getattr(torch, DTYPES[dtype]) if dtype != "auto" else _saved_dtype(base_config))
