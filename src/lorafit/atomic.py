@@ -44,8 +44,13 @@ def atomic_write_files(files: Sequence[tuple[PathLike, Writer]]) -> None:
         for tmp, _ in staged:
             tmp.unlink(missing_ok=True)
         raise
-    for tmp, target in staged:
-        os.replace(tmp, target)
+    for done, (tmp, target) in enumerate(staged):
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            for rest, _ in staged[done:]:
+                rest.unlink(missing_ok=True)
+            raise
     for directory in dict.fromkeys(target.parent for _, target in staged):
         _fsync_dir(directory)
 

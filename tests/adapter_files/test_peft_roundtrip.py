@@ -24,6 +24,8 @@ CASES = {
     "bert-bias-lora-only": (tiny_bert_cls, dict(r=2, target_modules=["query", "value"], bias="lora_only",
                                                 modules_to_save=["classifier"], task_type="SEQ_CLS")),
     "gpt2-bias-all": (tiny_gpt2, dict(r=2, target_modules=["c_attn"], bias="all", fan_in_fan_out=True)),
+    "bert-bias-all": (tiny_bert_cls, dict(r=2, target_modules=["key"], bias="all", modules_to_save=["classifier"],
+                                          task_type="SEQ_CLS")),
     "llama-dora": (small_llama, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True)),
 }
 

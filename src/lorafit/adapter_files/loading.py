@@ -213,12 +213,14 @@ def _take_saved_module(adapter: AdapterDir, remaining: dict[str, Tensor], path: 
     original = module.original_module if isinstance(module, ModulesToSave) else module
     state = {}
     for name, expected in original.state_dict().items():
-        keys = [f"{PREFIX}{path}.{name}", f"{PREFIX}{path}.modules_to_save.{name}"]
-        key = next((k for k in keys if k in remaining), None)
-        if key is None:
-            raise AdapterFileError(f"{adapter.weights_file}: missing tensor {keys[0]!r} of module {path!r}, "
-                                   f"listed in modules_to_save")
+        keys = [k for k in (f"{PREFIX}{path}.{name}", f"{PREFIX}{path}.modules_to_save.{name}") if k in remaining]
+        if not keys:
+            raise AdapterFileError(f"{adapter.weights_file}: missing tensor '{PREFIX}{path}.{name}' of module "
+                                   f"{path!r}, listed in modules_to_save")
+        key = keys[0]
         tensor = remaining.pop(key)
+        for duplicate in keys[1:]:  # PEFT with bias="all" writes a copy's bias under both names
+            del remaining[duplicate]
         if tensor.shape != expected.shape:
             raise AdapterFileError(f"{adapter.weights_file}: tensor {key!r} has shape {tuple(tensor.shape)}, but "
                                    f"{path}.{name} has shape {tuple(expected.shape)}")

@@ -97,8 +97,11 @@ def _save_one(model: LoraModel, name: str, directory: Path, metadata: Optional[M
 
         save_file(tensors, str(tmp), metadata=header)
 
-    atomic_write_files([(directory / WEIGHTS_NAME, write_weights),
-                        (directory / CONFIG_NAME, lambda tmp: tmp.write_text(config_text, encoding="utf-8"))])
+    try:
+        atomic_write_files([(directory / WEIGHTS_NAME, write_weights),
+                            (directory / CONFIG_NAME, lambda tmp: tmp.write_text(config_text, encoding="utf-8"))])
+    except OSError as exc:
+        raise AdapterFileError(f"{directory}: cannot write the adapter ({exc})") from None
 
 
 def _adapter_tensors(model: LoraModel, name: str) -> tuple[dict[str, Tensor], list[str]]:
