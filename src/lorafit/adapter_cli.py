@@ -27,6 +27,7 @@ TASK_CLASSES = {
     "FEATURE_EXTRACTION": "AutoModel",
 }
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+PICKLE_HELP = "read adapter_model.bin (pickle) with torch.load(weights_only=True); only for files you trust"
 
 
 def register(subparsers) -> None:
@@ -35,6 +36,7 @@ def register(subparsers) -> None:
                                                 "parameter count, file sizes, base model) and check its format.")
     inspect.add_argument("adapter", metavar="DIR", help="adapter directory (adapter_config.json + weights)")
     inspect.add_argument("--json", action="store_true", help="print the description as JSON")
+    inspect.add_argument("--allow-pickle", action="store_true", help=PICKLE_HELP)
     inspect.set_defaults(func=run_inspect)
 
     merge = subparsers.add_parser("merge", help="merge an adapter into its base model and save the result",
@@ -46,6 +48,7 @@ def register(subparsers) -> None:
     merge.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                        help="dtype of the saved weights; auto keeps the base model's (the merge itself runs in fp32)")
     merge.add_argument("--strict", action="store_true", help="refuse a base model whose fingerprint differs")
+    merge.add_argument("--allow-pickle", action="store_true", help=PICKLE_HELP)
     merge.set_defaults(func=run_merge)
 
 
@@ -55,7 +58,7 @@ def register(subparsers) -> None:
 def run_inspect(args: argparse.Namespace) -> int:
     from .adapter_files.report import describe_adapter
 
-    report = describe_adapter(args.adapter)
+    report = describe_adapter(args.adapter, allow_pickle=args.allow_pickle)
     print(json.dumps(report, indent=2, default=str) if args.json else format_report(report))
     return 0 if report["ok"] else 1
 
@@ -108,12 +111,14 @@ def _size(size: int) -> str:
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    out = export_merged(args.base, args.adapter, args.out, dtype=args.dtype, strict=args.strict)
+    out = export_merged(args.base, args.adapter, args.out, dtype=args.dtype, strict=args.strict,
+                        allow_pickle=args.allow_pickle)
     print(f"merged model written to {out}")
     return 0
 
 
-def export_merged(base: str, adapter: str, out: str, dtype: str = "auto", strict: bool = False) -> Path:
+def export_merged(base: str, adapter: str, out: str, dtype: str = "auto", strict: bool = False,
+                  allow_pickle: bool = False) -> Path:
     """Load `base`, merge the adapter in `adapter` (in fp32, refusing NaN/Inf), and save a plain
     Hugging Face model directory at `out`, with the tokenizer of the adapter or the base if one
     loads. `out` appears whole or not at all: it is written beside and renamed into place.
@@ -130,7 +135,7 @@ def export_merged(base: str, adapter: str, out: str, dtype: str = "auto", strict
     target = Path(out)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise AdapterFileError(f"{target}: already exists and is not an empty directory; choose a new --out")
-    files = read_adapter_dir(adapter)
+    files = read_adapter_dir(adapter, allow_pickle=allow_pickle)
     try:
         base_config = transformers.AutoConfig.from_pretrained(base)
     except (OSError, ValueError) as exc:
@@ -138,7 +143,7 @@ def export_merged(base: str, adapter: str, out: str, dtype: str = "auto", strict
     model_cls = _model_class(transformers, files, base_config)
     kwargs = _label_kwargs(files.user_metadata.get("labels")) if "Classification" in model_cls.__name__ else {}
     model = model_cls.from_pretrained(base, dtype=torch.float32, **kwargs)
-    merged = load(model, adapter, strict=strict).merge_and_unload(safe=True)
+    merged = load(model, adapter, strict=strict, allow_pickle=allow_pickle).merge_and_unload(safe=True)
     merged.to(getattr(torch, DTYPES[dtype]) if dtype != "auto" else _saved_dtype(base_config))
     staging = target.parent / f".{target.name}.tmp-{secrets.token_hex(4)}"
     try:

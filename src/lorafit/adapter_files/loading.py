@@ -64,11 +64,11 @@ def load(model: nn.Module, path: PathLike, adapter_name: str = "default", *, tra
     `strict`, a base-model fingerprint mismatch is an error instead of a warning. If loading
     fails, `model` is left unchanged.
     """
+    if isinstance(model, LoraModel):
+        _check_new_name(model, adapter_name, replace=False)
     root = model.model if isinstance(model, LoraModel) else model
-    adapter = read_adapter_dir(path, allow_pickle=allow_pickle)
-    checked = plan(root, adapter, trainable=trainable, strict=strict)
+    checked = plan(root, read_adapter_dir(path, allow_pickle=allow_pickle), trainable=trainable, strict=strict)
     lora_model = model if isinstance(model, LoraModel) else LoraModel(model)
-    _check_new_name(lora_model, adapter_name, replace=False)
     _apply_new(lora_model, adapter_name, checked)
     lora_model.set_adapter(adapter_name)
     if not trainable:
@@ -86,9 +86,8 @@ def load_adapter(model: LoraModel, path: PathLike, adapter_name: str = "default"
     recompile; a different scaling is folded into B); otherwise the old adapter is deleted and
     the new one built, staying active if the old one was. See `load` for the other arguments.
     """
-    adapter = read_adapter_dir(path, allow_pickle=allow_pickle)
-    checked = plan(model.model, adapter, trainable=trainable, strict=strict)
     _check_new_name(model, adapter_name, replace)
+    checked = plan(model.model, read_adapter_dir(path, allow_pickle=allow_pickle), trainable=trainable, strict=strict)
     if adapter_name not in model.peft_config:
         _apply_new(model, adapter_name, checked)
     elif _fits(model, adapter_name, checked):
@@ -128,7 +127,8 @@ def plan(root: nn.Module, adapter: AdapterDir, trainable: bool = False, strict: 
             raise AdapterFileError(f"{adapter.weights_file}: tensor {key!r} is not part of a {variant.__name__} "
                                    f"adapter on {lora_key[0]!r} (does use_dora in {adapter.config_file.name} "
                                    f"match the file?)")
-        result.base.append((_base_parameter(adapter, root, config, key, remaining.pop(key)), adapter.tensors[key]))
+        tensor = remaining.pop(key)
+        result.base.append((_base_parameter(adapter, root, config, key, tensor), tensor))
     _check_fingerprint(adapter, root, config, list(result.lora), strict)
     return result
 
