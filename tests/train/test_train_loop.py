@@ -181,3 +181,48 @@ def test_a_diverging_run_raises_and_keeps_its_checkpoint(tmp_path, tiny_config):
         train(run_config(tiny_config(run, train={"lr": 1e37, "warmup_steps": 0, "save_every": 1,
                                                  "max_steps": 6})))
     assert list_checkpoints(run) and not (run / "adapter").exists()
+
+
+def test_a_quantized_base_trains_and_its_description_is_saved(tmp_path, tiny_config):
+    pytest.importorskip("bitsandbytes")
+    from lorafit.adapter_files import read_adapter_dir
+
+    run = tmp_path / "run"
+    summary = train(run_config(tiny_config(run, model={"quantize": "nf4"}, train={"max_steps": 2})))
+    assert math.isfinite(summary["train_loss"])
+    assert read_adapter_dir(run / "adapter").user_metadata["quantization"]["mode"] == "nf4"
+
+
+def test_tensorboard_is_optional(tmp_path, tiny_config, capsys):
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+        available = True
+    except ImportError:
+        available = False
+    train(run_config(tiny_config(tmp_path / "run", output={"tensorboard": True}, train={"max_steps": 1})))
+    if available:
+        assert list((tmp_path / "run" / "tensorboard").glob("events.*"))
+    else:
+        assert "the tensorboard package is not installed" in capsys.readouterr().err
+
+
+def test_the_progress_bar_shows_only_on_a_terminal():
+    import io
+
+    from lorafit.train.progress import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    for stream, shown in ((Terminal(), True), (io.StringIO(), False)):
+        bar = Progress(10, stream=stream)
+        bar.update(3, 1.25, 2e-4, 1000.0)
+        bar.close()
+        assert ("3/10" in stream.getvalue() and "loss 1.2500" in stream.getvalue()) is shown
+        assert bool(stream.getvalue()) is shown
+
+
+def test_distributed_training_is_refused_for_now(tmp_path, tiny_config):
+    with pytest.raises(lorafit.ConfigError, match="train.distributed = 'ddp' is not available yet"):
+        train(run_config(tiny_config(tmp_path / "run", train={"distributed": "ddp"})))

@@ -55,7 +55,7 @@ def load_base(cfg: ModelConfig, task: str, labels: Optional[Sequence[str]], dtyp
     if cfg.quantize != "none":
         from ..quant import quantize_model
 
-        quantize_model(model, cfg.quantize)
+        quantize_model(model, cfg.quantize, compute_dtype=dtype, skip=head_modules(model))
     return model
 
 
