@@ -3,6 +3,7 @@ key), and a failed load leaves the model as it was."""
 
 import json
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -216,3 +217,15 @@ def test_failed_load_leaves_a_lora_model_untouched(saved):
 
 def test_read_adapter_dir_accepts_the_file_path(saved):
     assert read_adapter_dir(saved / "adapter_config.json").path == saved
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_fingerprint_is_the_same_across_dtype_and_device(tmp_path, device):
+    trained = lorafit.wrap(small_llama().to(device=device, dtype=torch.bfloat16),
+                           lorafit.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    trained.save_adapter(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AdapterFileWarning)
+        loaded = lorafit.load(small_llama(), tmp_path, strict=True)
+    assert loaded.model.model.layers[0].self_attn.q_proj.lora["default"].A.dtype == torch.float32
