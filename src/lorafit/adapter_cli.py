@@ -125,12 +125,15 @@ def export_merged(base: str, adapter: str, out: str, dtype: str = "auto", strict
 
     The model class is the one the adapter was saved on (lorafit fingerprint), else the one its
     ``task_type`` implies, else the base config's. Label names saved with the adapter
-    (``metadata={"labels": [...]}``) become the merged config's ``id2label``.
+    (``metadata={"labels": [...]}``) become the merged config's ``id2label``. An adapter trained
+    on a quantised base is merged into the base rounded through the same quantiser
+    (`lorafit.quant.prepare_merge_base`), so the merged model computes what was trained.
     """
     import torch
     import transformers
 
     from .adapter_files import load, read_adapter_dir
+    from .quant import prepare_merge_base
 
     target = Path(out)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
@@ -143,6 +146,7 @@ def export_merged(base: str, adapter: str, out: str, dtype: str = "auto", strict
     model_cls = _model_class(transformers, files, base_config)
     kwargs = _label_kwargs(files.user_metadata.get("labels")) if "Classification" in model_cls.__name__ else {}
     model = model_cls.from_pretrained(base, dtype=torch.float32, **kwargs)
+    prepare_merge_base(model, files.user_metadata.get("quantization"))
     merged = load(model, adapter, strict=strict, allow_pickle=allow_pickle).merge_and_unload(safe=True)
     merged.to(getattr(torch, DTYPES[dtype]) if dtype != "auto" else _saved_dtype(base_config))
     staging = target.parent / f".{target.name}.tmp-{secrets.token_hex(4)}"

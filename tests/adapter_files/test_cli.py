@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -83,3 +84,21 @@ def test_merge_of_a_classifier_keeps_labels_and_casts(tmp_path):
     merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")
     assert merged.dtype == torch.bfloat16 and merged.config.id2label == {0: "neg", 1: "neu", 2: "pos"}
     assert (logits(merged.float()) - logits(model)).abs().max() <= 0.05  # bf16 rounding only
+
+
+def test_merge_of_a_qlora_adapter_rounds_the_base_like_training(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from lorafit.quant import quantize_model
+
+    base = tiny_causal_lm_dir(tmp_path / "base")
+    trained = lorafit.wrap(quantize_model(AutoModelForCausalLM.from_pretrained(base), "nf4"), lorafit.LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM"))
+    perturb_trainable(trained)
+    trained.save_adapter(tmp_path / "adapter")
+    assert lorafit.adapter_files.read_adapter_dir(tmp_path / "adapter").user_metadata["quantization"]["mode"] == "nf4"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", lorafit.adapter_files.AdapterFileWarning)  # fingerprints agree
+        export_merged(str(base), str(tmp_path / "adapter"), str(tmp_path / "out"), dtype="fp32")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(3))
+    assert (logits(merged, ids) - logits(trained, ids)).abs().max() <= 1e-4

@@ -4,7 +4,9 @@ The fingerprint holds the model class, its ``model_type``, the shape of every ta
 weight and a SHA-256 over a fixed sample of those weights (up to `SAMPLE` evenly spaced entries
 per weight, rounded to bfloat16 so a model loaded in fp32, fp16 or bf16 hashes alike). Sampling
 keeps it cheap for billion-parameter bases while any retraining, merge or swap of the base
-changes it. Weights with an adapter merged into them, or on the meta device, leave the hash out.
+changes it. A quantised (bitsandbytes) base is fingerprinted by its dequantised weights, so an
+adapter trained on it matches a full-precision base rounded the same way (`prepare_merge_base`).
+Weights with an adapter merged into them, or on the meta device, leave the hash out.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from torch import nn
 
 from ..layers import LoraLayer
+from ..quant import dequantize_weight, is_quantized_linear
 
 SAMPLE = 1024
 
@@ -30,7 +33,7 @@ def fingerprint(root: nn.Module, module_paths: Iterable[str]) -> dict[str, Any]:
         if isinstance(module, LoraLayer):
             hashable = hashable and not module.merged
             module = module.base_layer
-        weight = module.weight
+        weight = dequantize_weight(module) if is_quantized_linear(module) else module.weight
         shapes[path] = list(weight.shape)
         hashable = hashable and not weight.is_meta
         if hashable:

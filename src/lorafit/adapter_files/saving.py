@@ -23,6 +23,7 @@ from ..atomic import atomic_write_files
 from ..errors import AdapterError, AdapterFileError
 from ..layers import ModulesToSave
 from ..model import LoraModel
+from ..quant import describe_quantization
 from . import fingerprints as fp
 from .keys import PREFIX, tensor_keys
 from .loading import file_record
@@ -42,7 +43,8 @@ def save_adapter(model: LoraModel, path: PathLike, adapter_names: Optional[Seque
     PEFT also puts a lone non-default adapter in a subfolder). `metadata` is JSON-serialisable
     data stored in the safetensors header, merged over any metadata the adapter was loaded with;
     by convention ``{"labels": [...]}`` holds a classifier's label names in class-index order
-    (`lorafit merge` turns them into ``id2label``). Read it back with `loaded_metadata` or
+    (`lorafit merge` turns them into ``id2label``). A quantised base is recorded as
+    ``{"quantization": describe_quantization(model)}`` (`lorafit merge` rounds the base alike). Read it back with `loaded_metadata` or
     `read_adapter_dir(path).user_metadata`.
     """
     names = list(model.adapter_names if adapter_names is None else adapter_names)
@@ -72,7 +74,9 @@ def _save_one(model: LoraModel, name: str, directory: Path, metadata: Optional[M
         cls = type(model.model)
         overrides["auto_mapping"] = {"base_model_class": cls.__name__, "parent_library": cls.__module__}
     config_text = json.dumps(config_to_peft(config, extras, **overrides), indent=2, sort_keys=True)
-    user = {**(record.metadata if record else {}), **(metadata or {})}
+    quantization = describe_quantization(model.model)
+    user = {**({"quantization": quantization} if quantization else {}), **(record.metadata if record else {}),
+            **(metadata or {})}
     try:
         user_text = json.dumps(user, sort_keys=True) if user else None
     except TypeError as exc:
