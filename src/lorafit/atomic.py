@@ -32,10 +32,11 @@ def atomic_write_files(files: Sequence[tuple[PathLike, Writer]]) -> None:
     so an error in any writer leaves every target untouched (and the temporaries are removed).
     """
     staged: list[tuple[Path, Path]] = []
+    created: list[Path] = []
     try:
         for target, writer in files:
             target = Path(target)
-            target.parent.mkdir(parents=True, exist_ok=True)
+            created += _make_dirs(target.parent)
             tmp = _temp_sibling(target)
             staged.append((tmp, target))
             writer(tmp)
@@ -51,7 +52,7 @@ def atomic_write_files(files: Sequence[tuple[PathLike, Writer]]) -> None:
             for rest, _ in staged[done:]:
                 rest.unlink(missing_ok=True)
             raise
-    for directory in dict.fromkeys(target.parent for _, target in staged):
+    for directory in dict.fromkeys([*(d.parent for d in created), *(target.parent for _, target in staged)]):
         _fsync_dir(directory)
 
 
@@ -78,6 +79,18 @@ def is_temp_file(path: PathLike) -> bool:
     """Whether `path` is a temporary left by an interrupted atomic write."""
     name = Path(path).name
     return name.startswith(".") and ".tmp-" in name
+
+
+def _make_dirs(directory: Path) -> list[Path]:
+    """Create `directory` and missing parents; returns the ones created (their parents' entries
+    need an fsync too)."""
+    missing = []
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    for path in reversed(missing):
+        path.mkdir(exist_ok=True)
+    return missing
 
 
 def _temp_sibling(target: Path) -> Path:
