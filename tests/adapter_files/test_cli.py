@@ -68,7 +68,8 @@ def test_merge_writes_a_plain_model_with_the_same_logits(tmp_path, llama_dirs):
     assert not any("lora" in name for name, _ in merged.named_parameters())
     ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(3))
     assert (logits(merged, ids) - logits(model, ids)).abs().max() <= 1e-4
-    assert AutoTokenizer.from_pretrained(tmp_path / "merged").vocab_size == AutoTokenizer.from_pretrained(base).vocab_size
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
+    assert tokenizer.vocab_size == AutoTokenizer.from_pretrained(base).vocab_size
     again = lorafit_cli("merge", "--base", base, "--adapter", adapter, "--out", tmp_path / "merged")
     assert again.returncode == 1 and "already exists and is not an empty directory" in again.stderr
 
@@ -76,8 +77,8 @@ def test_merge_writes_a_plain_model_with_the_same_logits(tmp_path, llama_dirs):
 def test_merge_of_a_classifier_keeps_labels_and_casts(tmp_path):
     base = tiny_bert_cls()
     base.save_pretrained(tmp_path / "base")
-    model = lorafit.wrap(base, lorafit.LoraConfig(r=4, target_modules=["query", "value"], modules_to_save=["classifier"],
-                                                  task_type="SEQ_CLS", init_lora_weights=False))
+    model = lorafit.wrap(base, lorafit.LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS",
+                                                  modules_to_save=["classifier"], init_lora_weights=False))
     perturb_trainable(model)
     model.save_adapter(tmp_path / "adapter", metadata={"labels": ["neg", "neu", "pos"]})
     export_merged(str(tmp_path / "base"), str(tmp_path / "adapter"), str(tmp_path / "out"), dtype="bf16")

@@ -18,8 +18,8 @@ CASES = {
     "bert-classifier": (tiny_bert_cls, dict(r=4, lora_alpha=8, target_modules=["query", "value"],
                                             modules_to_save=["classifier"], task_type="SEQ_CLS")),
     "llama-embedding": (small_llama, dict(r=4, lora_alpha=4, target_modules=["embed_tokens", "q_proj"])),
-    "llama-rslora-patterns": (small_llama, dict(r=8, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "v_proj"],
-                                                rank_pattern={"v_proj": 2},
+    "llama-rslora-patterns": (small_llama, dict(r=8, lora_alpha=16, use_rslora=True,
+                                                target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 2},
                                                 alpha_pattern={r"layers\.1\.self_attn\.q_proj": 3})),
     "bert-bias-lora-only": (tiny_bert_cls, dict(r=2, target_modules=["query", "value"], bias="lora_only",
                                                 modules_to_save=["classifier"], task_type="SEQ_CLS")),
@@ -94,8 +94,8 @@ def test_two_adapters_peft_to_lorafit(tmp_path):
 
 
 def test_lorafit_round_trip_keeps_weights_metadata_and_trainability(tmp_path):
-    ours = lorafit.wrap(tiny_bert_cls(), lorafit.LoraConfig(r=4, target_modules=["query"], modules_to_save=["classifier"],
-                                                            task_type="SEQ_CLS", init_lora_weights=False))
+    ours = lorafit.wrap(tiny_bert_cls(), lorafit.LoraConfig(r=4, target_modules=["query"], task_type="SEQ_CLS",
+                                                            modules_to_save=["classifier"], init_lora_weights=False))
     perturb_trainable(ours)
     ours.save_adapter(tmp_path, metadata={"labels": ["neg", "neu", "pos"]})
     again = lorafit.load(tiny_bert_cls(), tmp_path, trainable=True)

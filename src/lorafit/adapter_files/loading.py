@@ -9,15 +9,15 @@ exactly as it was.
 
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
 from ..config import LoraConfig
+from ..atomic import PathLike
 from ..errors import AdapterError, AdapterFileError, ConfigError, TargetError
 from ..layers import INIT_HOOKS, LoraLayer, LoraWeights, ModulesToSave, find_kind
 from ..model import TARGET_CHECKS, LoraModel, _find_modules_to_save, find_targets, weights_class
@@ -26,7 +26,6 @@ from .keys import PREFIX, split_lora_key, strip_prefix, tensor_keys
 from .peft_config import config_from_peft
 from .reading import AdapterDir, AdapterFileWarning, read_adapter_dir
 
-PathLike = Union[str, "os.PathLike[str]"]
 # Per-model record of what each loaded adapter's file held beyond its LoraConfig, so saving it
 # again writes it back: {adapter name: FileRecord}. Stored on the LoraModel instance.
 RECORDS_ATTR = "_adapter_file_records"

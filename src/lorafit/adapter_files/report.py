@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections import Counter
-from typing import Any, Union
+from typing import Any
 
+from ..atomic import PathLike
 from .keys import split_lora_key, strip_prefix
 from .peft_config import config_from_peft
 from .reading import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME, leftover_temp_files, read_adapter_dir
-
-PathLike = Union[str, "os.PathLike[str]"]
 
 
 def describe_adapter(path: PathLike, allow_pickle: bool = False) -> dict[str, Any]:

@@ -12,14 +12,12 @@ point loads as either the old adapter or the new one, never a mix.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence
 
-import torch
 from torch import Tensor
 
-from ..atomic import atomic_write_files
+from ..atomic import PathLike, atomic_write_files
 from ..errors import AdapterError, AdapterFileError
 from ..layers import ModulesToSave
 from ..model import LoraModel
@@ -30,8 +28,6 @@ from .loading import file_record
 from .peft_config import config_to_peft
 from .reading import (CONFIG_NAME, META_CHECKSUM, META_CONFIG, META_FINGERPRINT, META_REPLACES, META_USER,
                       META_VERSION, WEIGHTS_NAME, sha256_text, tensors_checksum)
-
-PathLike = Union[str, "os.PathLike[str]"]
 
 
 def save_adapter(model: LoraModel, path: PathLike, adapter_names: Optional[Sequence[str]] = None, *,
@@ -44,8 +40,8 @@ def save_adapter(model: LoraModel, path: PathLike, adapter_names: Optional[Seque
     data stored in the safetensors header, merged over any metadata the adapter was loaded with;
     by convention ``{"labels": [...]}`` holds a classifier's label names in class-index order
     (`lorafit merge` turns them into ``id2label``). A quantised base is recorded as
-    ``{"quantization": describe_quantization(model)}`` (`lorafit merge` rounds the base alike). Read it back with `loaded_metadata` or
-    `read_adapter_dir(path).user_metadata`.
+    ``{"quantization": describe_quantization(model)}`` (`lorafit merge` rounds the base alike).
+    Read it back with `loaded_metadata` or `read_adapter_dir(path).user_metadata`.
     """
     names = list(model.adapter_names if adapter_names is None else adapter_names)
     if not names:
