@@ -39,7 +39,8 @@ def server(base_dir, adapters_dir, tmp_path_factory):
     """One real ``lorafit serve`` process for the session, on a free loopback port, with an API key."""
     log = tmp_path_factory.mktemp("server") / "server.log"
     args = ["--base", str(base_dir), "--adapters", str(adapters_dir), "--api-key", API_KEY,
-            "--max-adapters", "4", "--max-batch", "16", "--max-model-len", "256", "--log-level", "warning"]
+            "--max-adapters", "4", "--max-batch", "16", "--max-model-len", "256", "--threads", "1",
+            "--log-level", "warning"]
     with ServerProcess(args, log) as running:
         yield running
 

@@ -6,6 +6,7 @@ and writes them on 4, each a JSON object ended by a NUL byte.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import select
@@ -31,14 +32,19 @@ class Chromium:
     def __init__(self, binary: str, profile: Path):
         to_chrome, self._write = os.pipe()
         self._read, from_chrome = os.pipe()
-        # the shell puts our pipe ends on the descriptors Chromium expects, then becomes Chromium
+        # bash moves Chromium's pipe ends onto 3 and 4 (from descriptors above 9, so that the two
+        # redirections cannot overwrite each other), then becomes Chromium
+        ends = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (to_chrome, from_chrome)]
+        for fd in (to_chrome, from_chrome):
+            os.close(fd)
+        self._log = open(Path(profile) / "chromium.log", "wb")
         self._process = subprocess.Popen(
-            ["sh", "-c", f'exec "$0" "$@" 3<&{to_chrome} 4>&{from_chrome}', binary, *FLAGS,
+            ["bash", "-c", f'exec "$0" "$@" 3<&{ends[0]} 4>&{ends[1]}', binary, *FLAGS,
              f"--user-data-dir={profile}", "about:blank"],
-            pass_fds=(to_chrome, from_chrome), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            pass_fds=ends, stdout=self._log, stderr=subprocess.STDOUT,
         )
-        os.close(to_chrome)
-        os.close(from_chrome)
+        for fd in ends:
+            os.close(fd)
         self._buffer = b""
         self._next_id = 0
 
@@ -58,6 +64,10 @@ class Chromium:
                 self._process.wait()
         for fd in (self._read, self._write):
             os.close(fd)
+        self._log.close()
+
+    def log(self) -> str:
+        return Path(self._log.name).read_text(errors="replace")[-4000:]
 
     def send(self, method: str, params: dict | None = None, session: str | None = None,
              timeout: float = 30.0) -> dict:
@@ -66,7 +76,10 @@ class Chromium:
         message = {"id": self._next_id, "method": method, "params": params or {}}
         if session:
             message["sessionId"] = session
-        os.write(self._write, json.dumps(message).encode() + b"\0")
+        try:
+            os.write(self._write, json.dumps(message).encode() + b"\0")
+        except BrokenPipeError:
+            raise RuntimeError(f"Chromium has exited; its log:\n{self.log()}") from None
         deadline = time.monotonic() + timeout
         while True:
             reply = self._receive(deadline)
@@ -82,7 +95,7 @@ class Chromium:
                 raise TimeoutError("Chromium did not answer in time")
             chunk = os.read(self._read, 1 << 16)
             if not chunk:
-                raise RuntimeError("Chromium closed its DevTools pipe")
+                raise RuntimeError(f"Chromium closed its DevTools pipe; its log:\n{self.log()}")
             self._buffer += chunk
         raw, self._buffer = self._buffer.split(b"\0", 1)
         return json.loads(raw)
@@ -99,6 +112,9 @@ class Page:
     def __init__(self, browser: Chromium, session: str):
         self._browser = browser
         self._session = session
+
+    def log(self) -> str:
+        return Path(self._log.name).read_text(errors="replace")[-4000:]
 
     def send(self, method: str, params: dict | None = None) -> dict:
         return self._browser.send(method, params, self._session)

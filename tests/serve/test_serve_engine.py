@@ -4,11 +4,16 @@ import threading
 
 import pytest
 import torch
-from transformers import DynamicCache
+from transformers import AutoModelForCausalLM, DynamicCache
 
+import lorafit
+from lorafit import LoraModel
+from lorafit.errors import AdapterFileError
 from lorafit.serve import kvcache
+from lorafit.serve.adapters import AdapterPool, discover
 from lorafit.serve.engine import ContextError, Delta, Engine, Failed, Finished, Request
 from lorafit.serve.sampling import ParamError, SamplingParams, TextTracker
+from serve_setup import ADAPTERS
 
 PROMPTS = [
     "The quick brown fox",
@@ -155,3 +160,44 @@ def test_kvcache_join_and_select_keep_rows_and_trim_padding():
     assert mask.tolist() == [[1, 1], [0, 1]]
     assert a.layers[0].keys[:, 0, :, 0].tolist() == [[0, 1], [2, 3]]
     assert kvcache.mergeable(a)
+
+
+def test_mixed_adapter_batches_with_fewer_slots_than_adapters(base_dir, adapters_dir, tokenizer):
+    """Four models in flight, two adapter slots: rows wait for a slot, and every answer is exact."""
+    model = LoraModel(AutoModelForCausalLM.from_pretrained(base_dir).eval())
+    pool = AdapterPool(model, discover(adapters_dir), capacity=2)
+    engine = Engine(model, tokenizer, pool, max_batch=8)
+    engine.start()
+    try:
+        jobs = [(name, prompt) for prompt in PROMPTS[:2] for name in [None, *ADAPTERS]]
+        answers = []
+        for name, prompt in jobs:
+            answers.append(Answer())
+            engine.submit(Request(ids(tokenizer, prompt), SamplingParams(max_tokens=10, temperature=0.0),
+                                  answers[-1], name))
+        for (name, prompt), answer in zip(jobs, answers):
+            if name is None:
+                reference = AutoModelForCausalLM.from_pretrained(base_dir).eval()
+            else:
+                reference = lorafit.load(AutoModelForCausalLM.from_pretrained(base_dir), adapters_dir / name)
+            assert answer.wait().text == solo(reference, tokenizer, prompt, 10), (name, prompt)
+    finally:
+        engine.stop()
+    assert len(pool.loaded) == 2 and sorted(model.adapter_names) == sorted(pool.loaded)
+
+
+def test_a_missing_adapter_fails_only_its_request(base_dir, tokenizer, tmp_path):
+    model = LoraModel(AutoModelForCausalLM.from_pretrained(base_dir).eval())
+    (tmp_path / "gone").mkdir()
+    (tmp_path / "gone" / "adapter_config.json").write_text("{}")
+    engine = Engine(model, tokenizer, AdapterPool(model, discover(tmp_path), capacity=2))
+    engine.start()
+    try:
+        bad = Answer()
+        engine.submit(Request(ids(tokenizer, "Hi"), SamplingParams(max_tokens=3), bad, "gone"))
+        good = submit(engine, tokenizer, "Hi", max_tokens=3)
+        assert isinstance(bad.wait().end, Failed)
+        assert isinstance(bad.end.error, AdapterFileError)
+        assert good.wait().end.reason == "length"
+    finally:
+        engine.stop()

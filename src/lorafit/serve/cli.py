@@ -42,6 +42,8 @@ def register(subparsers) -> None:
     p.add_argument("--device", help="torch device; cuda if available, else cpu, when unset")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights' dtype")
+    p.add_argument("--threads", type=int,
+                   help="torch CPU threads; 1 avoids stalls on a busy machine; torch's default when unset")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=run)
 
@@ -53,6 +55,8 @@ def build_engine(args: argparse.Namespace) -> tuple[Engine, ServeSettings]:
 
     from ..model import LoraModel
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(args.base)
     hf_model = AutoModelForCausalLM.from_pretrained(args.base, dtype=args.dtype).to(device).eval()
