@@ -44,6 +44,10 @@ def test_models_lists_the_base_and_every_adapter_folder(client):
     models = {m.id: m for m in client.models.list().data}
     assert sorted(models) == sorted([BASE, *ADAPTERS])  # "notes" has no adapter_config.json
     assert all(models[a].parent == BASE for a in ADAPTERS)
+    assert client.models.retrieve("beta").id == "beta"
+    assert client.models.retrieve("base").id == BASE
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("notes")
 
 
 def test_concurrent_greedy_answers_equal_each_adapter_run_alone(client, tokenizer, reference):

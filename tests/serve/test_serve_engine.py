@@ -4,7 +4,7 @@ import threading
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache
+from transformers import AutoModelForCausalLM, DynamicCache, MistralConfig, MistralForCausalLM
 
 import lorafit
 from lorafit import LoraModel
@@ -199,5 +199,27 @@ def test_a_missing_adapter_fails_only_its_request(base_dir, tokenizer, tmp_path)
         assert isinstance(bad.wait().end, Failed)
         assert isinstance(bad.end.error, AdapterFileError)
         assert good.wait().end.reason == "length"
+    finally:
+        engine.stop()
+
+
+def test_sliding_window_models_batch_without_joining_midway(tokenizer):
+    """A sliding-window cache cannot be re-padded: new rows wait for the batch, answers stay exact."""
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                           sliding_window=6, pad_token_id=tokenizer.pad_token_id,
+                           eos_token_id=tokenizer.eos_token_id)
+    model = MistralForCausalLM(config).eval()
+    engine = Engine(model, tokenizer, max_batch=4)
+    assert not kvcache.mergeable(DynamicCache(config=config))
+    engine.start()
+    try:
+        lengths = [20, 5, 12, 16]
+        first = submit(engine, tokenizer, PROMPTS[0], max_tokens=lengths[0])
+        assert first.first.wait(30)
+        rest = [submit(engine, tokenizer, p, max_tokens=n) for p, n in zip(PROMPTS[1:4], lengths[1:])]
+        for answer, prompt, n in zip([first, *rest], PROMPTS, lengths):
+            assert answer.wait().text == solo(model, tokenizer, prompt, n)
     finally:
         engine.stop()

@@ -1,6 +1,6 @@
 """The HTTP server: OpenAI-compatible routes over an `Engine`, run-time adapter management, the web page.
 
-Routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with
+Routes: ``GET /v1/models`` (and ``/v1/models/{id}``), ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with
 server-sent-event streaming), ``POST /v1/adapters``, ``DELETE /v1/adapters/{name}``, ``GET /health``
 and the comparison page at ``/``. Every refusal is a 4xx/5xx answer in OpenAI's error shape; with
 an API key, every ``/v1/`` route wants ``Authorization: Bearer KEY``.
@@ -131,14 +131,19 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
             raise ApiError(503, "the engine has stopped", "server_error")
         return {"status": "ok"}
 
+    def card(name: str, parent: str | None) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": started, "owned_by": "lorafit", "parent": parent}
+
     @app.get("/v1/models")
     async def models():
-        def card(name: str, parent: str | None) -> dict[str, Any]:
-            return {"id": name, "object": "model", "created": started, "owned_by": "lorafit",
-                    "parent": parent}
         cards = [card(settings.base_name, None)]
         cards += [card(name, settings.base_name) for name in api.adapter_names()]
         return {"object": "list", "data": cards}
+
+    @app.get("/v1/models/{model}")
+    async def model_card(model: str):
+        adapter = api.adapter_for(model)
+        return card(settings.base_name, None) if adapter is None else card(adapter, settings.base_name)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody):
@@ -153,8 +158,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         pool = api.pool()
         check_adapter_name(body.name, (BASE_ALIAS, settings.base_name))
         await asyncio.wrap_future(engine.call(lambda: pool.add(body.name, Path(body.path))))
-        return {"id": body.name, "object": "model", "created": int(time.time()),
-                "owned_by": "lorafit", "parent": settings.base_name}
+        return card(body.name, settings.base_name)
 
     @app.delete("/v1/adapters/{name}")
     async def delete_adapter(name: str):

@@ -374,6 +374,6 @@ def _emit(request: Request, event: Event) -> None:
     """Deliver an event; a listener that fails (its client went away) cancels its request."""
     try:
         request.emit(event)
-    except Exception:
-        log.exception("could not deliver a result; cancelling the request")
+    except Exception as exc:
+        log.info("cancelling a request whose result could not be delivered: %s", exc)
         request.cancel()

@@ -5,7 +5,7 @@ are masked out. Joining two batches pads the shorter one on the left; dropping f
 leave columns that are padding in every remaining row, which are cut off.
 
 Only plain `DynamicLayer`s (full attention) can be re-padded; `mergeable` tells whether a cache
-is made of them.
+is made of them. Other caches (sliding windows) can only lose rows.
 """
 
 from __future__ import annotations
@@ -43,11 +43,17 @@ def concat(first: DynamicCache, first_mask: torch.Tensor,
 
 
 def select_rows(cache: DynamicCache, mask: torch.Tensor, rows: list[int]) -> torch.Tensor:
-    """Keep only `rows` (in place), cut the columns no kept row attends to; return the new mask."""
+    """Keep only `rows` (in place); return their mask.
+
+    In a mergeable cache, the columns no kept row attends to are cut off as well.
+    """
     index = torch.tensor(rows, device=mask.device)
+    cache.batch_select_indices(index)
     mask = mask[index]
+    if not mergeable(cache):
+        return mask
     first_used = int(mask.any(dim=0).int().argmax())  # all-padding columns are on the left
     for layer in cache.layers:
-        layer.keys = layer.keys[index, :, first_used:]
-        layer.values = layer.values[index, :, first_used:]
+        layer.keys = layer.keys[:, :, first_used:]
+        layer.values = layer.values[:, :, first_used:]
     return mask[:, first_used:]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -140,7 +141,7 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 @dataclass(frozen=True)
-class Flavor:
+class Flavor(ABC):
     """How one endpoint spells its answers: whole (`choice`) or streamed (`chunk_choice`)."""
 
     object: str  # the answer's "object" field
@@ -153,6 +154,18 @@ class Flavor:
     def envelope(self, id: str, model: str, chunk: bool, **fields) -> dict[str, Any]:
         return {"id": id, "object": self.chunk_object if chunk else self.object,
                 "created": int(time.time()), "model": model, **fields}
+
+    @abstractmethod
+    def choice(self, index: int, text: str, reason: str | None) -> dict[str, Any]:
+        """One whole answer in the ``choices`` list."""
+
+    @abstractmethod
+    def start_chunk(self, index: int) -> dict[str, Any] | None:
+        """The streamed choice that opens answer `index`, if the format has one."""
+
+    @abstractmethod
+    def chunk_choice(self, index: int, text: str, reason: str | None) -> dict[str, Any]:
+        """A streamed piece of answer `index` (`reason` set on its last piece)."""
 
 
 class CompletionFlavor(Flavor):
