@@ -189,6 +189,7 @@ LONG_PROMPT = "The quick brown fox jumps over the lazy dog. " * 40  # far over t
     ("/completions", {**COMPLETION, "logprobs": 3}, 400, "logprobs"),
     ("/completions", {**COMPLETION, "prompt": []}, 400, "prompt"),
     ("/completions", {**COMPLETION, "prompt": [10**9]}, 400, "prompt"),
+    ("/completions", {**COMPLETION, "prompt": ["Hi"] * 33, "n": 2}, 400, "prompt"),
     ("/completions", {**COMPLETION, "prompt": LONG_PROMPT}, 400, "max_tokens"),
     ("/completions", {**COMPLETION, "max_tokens": 250, "prompt": "Hi there, how are you"}, 400, "max_tokens"),
     ("/chat/completions", {"model": BASE, "messages": []}, 400, "messages"),

@@ -16,7 +16,7 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
@@ -29,7 +29,7 @@ from ..errors import AdapterError, AdapterFileError, LorafitError
 from .adapters import AdapterExists, SlotsBusy, UnknownAdapter, check_adapter_name
 from .engine import ContextError, Delta, Engine, Failed, Finished, Request
 from .protocol import (
-    CHAT, COMPLETION, AdapterBody, ApiError, ChatBody, CompletionBody, Flavor, GenerationBody, usage,
+    CHAT, COMPLETION, MAX_CHOICES, AdapterBody, ApiError, ChatBody, CompletionBody, Flavor, GenerationBody, usage,
 )
 from .sampling import ParamError
 
@@ -147,16 +147,15 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody):
-        return await api.generate(body, COMPLETION, api.completion_prompts(body))
+        return await api.generate(body, COMPLETION, lambda: api.completion_prompts(body))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatBody):
-        return await api.generate(body, CHAT, [api.chat_prompt(body)])
+        return await api.generate(body, CHAT, lambda: [api.chat_prompt(body)])
 
     @app.post("/v1/adapters")
     async def add_adapter(body: AdapterBody):
         pool = api.pool()
-        check_adapter_name(body.name, (BASE_ALIAS, settings.base_name))
         await asyncio.wrap_future(engine.call(lambda: pool.add(body.name, Path(body.path))))
         return card(body.name, settings.base_name)
 
@@ -244,9 +243,14 @@ class _Api:
         room = (self.engine.max_model_len or prompt_len + self.settings.default_max_tokens) - prompt_len
         return max(1, min(self.settings.default_max_tokens, room))
 
-    async def generate(self, body: GenerationBody, flavor: Flavor, prompts: list[list[int]]):
+    async def generate(self, body: GenerationBody, flavor: Flavor,
+                       tokenize: Callable[[], list[list[int]]]):
+        """Check the request, queue one engine request per answer, and answer whole or streamed."""
         body.check_supported()
         adapter = self.adapter_for(body.model)
+        prompts = tokenize()
+        if len(prompts) * body.n > MAX_CHOICES:
+            raise ParamError("prompt", f"at most {MAX_CHOICES} answers (prompts x n) per request")
         # choice i answers prompt i // n
         requests = []
         run = _Run(asyncio.get_running_loop())

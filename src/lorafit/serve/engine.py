@@ -284,6 +284,7 @@ class Engine:
             if row.generator is not None:
                 picks[i] = sample_token(logits[i], row.request.params, row.generator)
             if row.request.cancelled.is_set():
+                log.debug("dropped a cancelled request after %d tokens", row.generated)
                 self._release(row)
                 continue
             reason = self._append(row, picks[i])

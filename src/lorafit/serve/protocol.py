@@ -19,7 +19,8 @@ from pydantic import BaseModel, ConfigDict
 from ..errors import LorafitError
 from .sampling import ParamError, SamplingParams
 
-MAX_N = 8
+MAX_N = 8  # answers per prompt
+MAX_CHOICES = 64  # answers per request: prompts x n
 
 # field -> the values that mean "not used"; anything else is refused as unsupported
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
