@@ -38,6 +38,10 @@ def test_a_plain_string_stays_a_string_in_a_list_or_string_field():
     ({}, ["trainlr=3"], "unknown key 'trainlr'"),
     ({}, ["train.lr"], "expected KEY=VALUE"),
     ({"model": {"task": "causal_lm"}, "data": {"format": "classification"}}, [], "needs model.task"),
+    ({"train": {"early_stopping_patience": 2, "eval_every": 5, "early_stopping_metric": "accuracy"},
+      "data": {"eval_fraction": 0.1}}, [], "'accuracy' is not measured for causal_lm"),
+    ({"train": {"early_stopping_patience": 2}, "data": {"eval_fraction": 0.1}}, [], "needs evaluations"),
+    ({"train": {"early_stopping_patience": 2, "eval_every": 5}}, [], "needs evaluations"),
 ])
 def test_bad_configs_name_the_field(data, overrides, expected):
     with pytest.raises(ConfigError) as err:

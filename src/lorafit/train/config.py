@@ -35,6 +35,7 @@ SCHEDULERS = ("cosine", "linear", "constant")
 DISTRIBUTED = ("none", "ddp", "fsdp")
 # Eval metrics early stopping can watch, and whether larger is better.
 METRIC_GOALS = {"loss": "min", "perplexity": "min", "accuracy": "max"}
+TASK_METRICS = {"causal_lm": ("loss", "perplexity"), "classification": ("loss", "accuracy")}
 
 
 @dataclass
@@ -176,6 +177,15 @@ class RunConfig:
                               f"got {self.data.format!r}")
         if self.task == "causal_lm" and self.data.format == "classification":
             raise ConfigError("data.format = 'classification' needs model.task = 'classification' (or 'auto')")
+        if self.train.early_stopping_patience is not None:
+            metric = self.train.early_stopping_metric
+            if metric not in TASK_METRICS[self.task]:
+                raise ConfigError(f"train.early_stopping_metric = {metric!r} is not measured for {self.task}; "
+                                  f"expected one of {list(TASK_METRICS[self.task])}")
+            has_eval = (self.data.eval_file or self.data.eval_split) is not None or self.data.eval_fraction > 0
+            if not (has_eval and self.train.eval_every):
+                raise ConfigError("train.early_stopping_patience needs evaluations: set train.eval_every and "
+                                  "eval data (data.eval_file, data.eval_split or data.eval_fraction)")
 
     @property
     def task(self) -> str:

@@ -102,18 +102,17 @@ def read_labels(adapter_dir: Path) -> Optional[list[str]]:
     return read_adapter_dir(adapter_dir).user_metadata.get("labels")
 
 
-def load_trained(base: str, adapter_dir: Optional[Path], dtype: str = "auto",
-                 device: Optional[torch.device] = None, trust_remote_code: bool = False):
+def load_trained(base: str, adapter_dir: Optional[Path], dtype: str = "auto"):
     """``(model, tokenizer, labels)`` for inference: `base` with the adapter in `adapter_dir`
     (none: the plain base model). Labels in the adapter's metadata make it a classifier."""
     from .. import load
 
-    device = device or default_device()
-    cfg = ModelConfig(name_or_path=base, dtype=dtype, trust_remote_code=trust_remote_code)
+    device = default_device()
+    cfg = ModelConfig(name_or_path=base, dtype=dtype)
     tokenizer = load_tokenizer(cfg)
     labels = read_labels(adapter_dir) if adapter_dir is not None else None
-    model = load_base(cfg, "classification" if labels else "causal_lm", labels,
-                      resolve_dtype(dtype, device), tokenizer.pad_token_id)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model = load_base(cfg, "classification" if labels else "causal_lm", labels, resolve_dtype(dtype, device), pad_id)
     if adapter_dir is not None:
         model = load(model, adapter_dir)
     return model.to(device).eval(), tokenizer, labels

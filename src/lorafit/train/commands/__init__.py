@@ -3,5 +3,9 @@
 import argparse
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Option defaults in the help, and epilogs (the config reference) kept as written."""
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Option defaults in the help; lines indented by two spaces (the config table) stay as written."""
+
+    def _fill_text(self, text, width, indent):
+        return "\n".join(line if line.startswith("  ") else super(HelpFormatter, self)._fill_text(line, width, indent)
+                         for line in text.splitlines())
