@@ -76,10 +76,12 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
             return None
         if isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args:
             return None
-        if isinstance(value, str) and "," not in value:
-            # A plain string fits a `str` member before a list one: ``target_modules: all-linear``
-            # stays a string, while ``target_modules=q_proj,v_proj`` still becomes a list.
-            args = sorted(args, key=lambda arg: typing.get_origin(arg) in (list, tuple))
+        if isinstance(value, str):
+            # Members are tried in an order fixed here, not the declared one (typing may hand back
+            # a cached equal Union with its members reordered): parsed scalars first ("true" ->
+            # bool), then the string itself ("all-linear"), then lists, unless the string is a
+            # comma list ("q_proj,v_proj"), which fills a list member first.
+            args = sorted(args, key=lambda arg: _string_preference(arg, value))
         for arg in args:
             if arg is type(None):
                 continue
@@ -145,6 +147,12 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
     if isinstance(tp, type) and isinstance(value, tp):
         return value
     raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _string_preference(tp: Any, value: str) -> int:
+    if typing.get_origin(tp) in (list, tuple):
+        return 0 if "," in value else 2
+    return 1 if tp is str else 0
 
 
 def _type_name(tp: Any) -> str:

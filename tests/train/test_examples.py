@@ -29,6 +29,7 @@ def test_every_example_has_a_short_run():
     assert sorted(p.name for p in EXAMPLES.glob("*.yaml")) == sorted(SHORT_RUNS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SHORT_RUNS))
 def test_example_trains(name, tmp_path, tiny_dir, shared_data, cli):
     model, overrides = SHORT_RUNS[name]

@@ -13,6 +13,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_train_then_eval_then_generate(tmp_path, tiny_config, tiny_dir, cli, run_files):
     run = tmp_path / "run"
     config = run_files.yaml(tmp_path / "tiny.yaml", tiny_config(run, output={"plot": True}))
@@ -57,6 +58,7 @@ def _greedy(model_dir, adapter_dir, prompt, new_tokens):
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_ends_as_an_uninterrupted_run(tmp_path, tiny_config, cli, run_files):
     steps = {"max_steps": 40, "save_every": 4, "eval_every": 8, "keep_last": 2}
     whole, killed = tmp_path / "whole", tmp_path / "killed"
@@ -79,6 +81,7 @@ def test_sigkill_then_resume_ends_as_an_uninterrupted_run(tmp_path, tiny_config,
     assert run_files.metrics(whole) == run_files.metrics(killed)
 
 
+@pytest.mark.slow
 def test_a_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path, tiny_config, cli, run_files):
     run = tmp_path / "run"
     config = run_files.yaml(tmp_path / "nan.yaml", tiny_config(run))
