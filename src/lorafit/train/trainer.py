@@ -227,16 +227,10 @@ class Trainer:
     # -- files -------------------------------------------------------------------------------------
 
     def _save_adapter(self, path: Path) -> None:
-        """The adapter files, with a classifier's labels and a quantised base's description
-        (which ``lorafit merge`` needs to reproduce the trained model)."""
-        metadata = {}
-        if self.report.labels is not None:
-            metadata["labels"] = self.report.labels
-        if self.cfg.model.quantize != "none":
-            from ..quant import describe_quantization
-
-            metadata["quantization"] = describe_quantization(self.model)
-        self.model.save_adapter(path, metadata=metadata or None)
+        """The adapter files, with a classifier's labels (a quantised base's description is
+        recorded by `save_adapter` itself)."""
+        labels = self.report.labels
+        self.model.save_adapter(path, metadata={"labels": labels} if labels is not None else None)
 
     def _save(self) -> None:
         if self.main:
