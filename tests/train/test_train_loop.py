@@ -226,3 +226,26 @@ def test_the_progress_bar_shows_only_on_a_terminal():
 def test_distributed_training_is_refused_for_now(tmp_path, tiny_config):
     with pytest.raises(lorafit.ConfigError, match="train.distributed = 'ddp' is not available yet"):
         train(run_config(tiny_config(tmp_path / "run", train={"distributed": "ddp"})))
+
+
+def test_hidden_state_loss_equals_the_logits_loss_in_value_and_gradient():
+    import lorafit
+    from lorafit.train.evaluation import logits_of, summed_loss
+    from lorafit.train.losses import output_head
+
+    model = lorafit.wrap(tiny_llama(), lorafit.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    assert output_head(model) is not None
+    ids = torch.randint(3, 400, (2, 12), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[0, :5] = -100
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    cpu = torch.device("cpu")
+    fused, logits = summed_loss(model, batch, "causal_lm", cpu, torch.float32)
+    assert logits is None
+    params = [p for p in model.parameters() if p.requires_grad]
+    got = torch.autograd.grad(fused, params)
+    plain = causal_lm_loss(logits_of(model, batch, "causal_lm", cpu, torch.float32), labels)
+    want = torch.autograd.grad(plain, params)
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)

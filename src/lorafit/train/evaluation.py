@@ -12,7 +12,7 @@ from torch import Tensor
 
 from ..data import collate, load_dataset_splits
 from ..errors import ConfigError
-from .losses import LOSSES, correct_predictions
+from .losses import LOSSES, causal_lm_loss_from_hidden, correct_predictions, output_head
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
@@ -31,6 +31,25 @@ def logits_of(model: Any, batch: dict[str, Tensor], task: str, device: torch.dev
         return model(**inputs).logits
 
 
+def summed_loss(model: Any, batch: dict[str, Tensor], task: str, device: torch.device,
+                dtype: torch.dtype) -> tuple[Tensor, Optional[Tensor]]:
+    """The summed loss of a `collate` batch, and the logits where they were formed.
+
+    A causal LM whose logits are a plain frozen head over hidden states (`output_head`) never
+    forms them: the loss comes from the hidden states through a chunked cross-entropy, which
+    saves the (B, T, V) logits, their softmax and gradient in memory."""
+    labels = batch["labels"].to(device)
+    head = output_head(model) if task == "causal_lm" else None
+    if head is None:
+        logits = logits_of(model, batch, task, device, dtype)
+        return LOSSES[task].loss(logits, labels), logits
+    decoder, lm_head = head
+    inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+    with autocast(device, dtype):
+        hidden = decoder(**inputs, use_cache=False).last_hidden_state
+        return causal_lm_loss_from_hidden(hidden, lm_head, labels), None
+
+
 @torch.no_grad()
 def evaluate(model: Any, dataset: Any, task: str, batch_size: int, device: torch.device,
              dtype: torch.dtype) -> dict[str, float]:
@@ -43,12 +62,11 @@ def evaluate(model: Any, dataset: Any, task: str, batch_size: int, device: torch
     order = sorted(range(len(dataset)), key=lambda i: len(dataset[i]["input_ids"]))  # less padding
     for start in range(0, len(order), batch_size):
         batch = collate([dataset[i] for i in order[start:start + batch_size]], dataset.pad_id)
-        labels = batch["labels"].to(device)
-        logits = logits_of(model, batch, task, device, dtype)
-        total += loss_fn.loss(logits, labels).item()
-        targets += loss_fn.targets(labels)
+        loss, logits = summed_loss(model, batch, task, device, dtype)
+        total += loss.item()
+        targets += loss_fn.targets(batch["labels"])
         if task == "classification":
-            correct += correct_predictions(logits, labels)
+            correct += correct_predictions(logits, batch["labels"].to(device))
     model.train(was_training)
     loss = total / max(targets, 1)
     if task == "classification":

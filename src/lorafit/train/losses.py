@@ -9,12 +9,17 @@ replace `causal_lm_loss` without touching the loop.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, Optional
 
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..data import IGNORE_INDEX
+from ..functional import linear_cross_entropy
+
+# Model types whose logits are exactly ``lm_head(base_model(...).last_hidden_state)`` (no logit
+# soft-capping or scaling), so the loss can be taken from hidden states without full logits.
+HIDDEN_STATE_LOSS_MODELS = frozenset({"llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox", "phi3", "olmo2"})
 
 
 def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
@@ -27,6 +32,25 @@ def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     logits = logits[:, :-1].flatten(0, 1).float()  # (B·(T-1), V)
     targets = labels[:, 1:].flatten()  # (B·(T-1),)
     return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def output_head(model: Any) -> Optional[tuple[nn.Module, nn.Linear]]:
+    """(decoder, frozen lm_head) when `model`'s loss can be taken from its hidden states, else None."""
+    hf = getattr(model, "model", model) if hasattr(model, "peft_config") else model
+    config = getattr(hf, "config", None)
+    if getattr(config, "model_type", None) not in HIDDEN_STATE_LOSS_MODELS:
+        return None
+    head = hf.get_output_embeddings()
+    decoder = getattr(hf, "base_model", hf)
+    if type(head) is not nn.Linear or decoder is hf or head.weight.requires_grad:
+        return None
+    return decoder, head
+
+
+def causal_lm_loss_from_hidden(hidden: Tensor, head: nn.Linear, labels: Tensor) -> Tensor:
+    """`causal_lm_loss` of ``head(hidden)`` without forming the logits: hidden (B, T, H) at position
+    t is scored against ``labels[t+1]`` by a chunked cross-entropy (`linear_cross_entropy`)."""
+    return linear_cross_entropy(hidden[:, :-1], head.weight, head.bias, labels[:, 1:])
 
 
 def causal_lm_targets(labels: Tensor) -> int:

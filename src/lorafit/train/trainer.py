@@ -26,7 +26,7 @@ from ..data import DataReport, batch_plan, collate, load_dataset_splits
 from ..errors import ConfigError, TrainingError
 from .checkpoints import TrainState, latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
 from .config import METRIC_GOALS, RunConfig, TrainConfig, load_run_config, resolved, save_run_config
-from .evaluation import evaluate, logits_of
+from .evaluation import evaluate, summed_loss
 from .losses import LOSSES
 from .metrics import MetricsWriter, plot_losses, read_metrics, truncate_metrics
 from .modeling import build_model, default_device, dtype_name, load_tokenizer, resolve_dtype
@@ -151,9 +151,7 @@ class Trainer:
         targets = max(1, sum(self.loss_fn.targets(batch["labels"]) for batch in batches))
         total = 0.0
         for batch in batches:
-            labels = batch["labels"].to(self.device)
-            logits = logits_of(self.model, batch, self.task, self.device, self.dtype)
-            loss = self.loss_fn.loss(logits, labels) / targets
+            loss = summed_loss(self.model, batch, self.task, self.device, self.dtype)[0] / targets
             if not torch.isfinite(loss):
                 raise self._diverged(f"the loss is {loss.item()}")
             self.scaler.scale(loss).backward()
