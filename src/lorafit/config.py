@@ -38,23 +38,43 @@ class LoraConfig:
     """
 
     r: int = 8
+    """Rank of the update: A is [r, in], B is [out, r]."""
     lora_alpha: float = 8
+    """Scale numerator: the update is multiplied by lora_alpha / r (lora_alpha / sqrt(r) with rsLoRA)."""
     target_modules: Optional[Union[list[str], str]] = None
+    """Modules that get an adapter: a list of names or dotted suffixes, a regex (full match), or
+    ``all-linear`` (every linear layer but the output head). null uses the model type's default."""
     exclude_modules: Optional[Union[list[str], str]] = None
+    """Modules never targeted, by the same rules as target_modules."""
     lora_dropout: float = 0.0
+    """Dropout on the adapter's input during training."""
     fan_in_fan_out: bool = False
+    """The base stores its weight as [in, out] (GPT-2's Conv1D); detected automatically for Conv1D."""
     bias: str = "none"
+    """Which biases train: ``none``, ``all``, or ``lora_only`` (those of targeted layers)."""
     use_rslora: bool = False
+    """Rank-stabilised scaling lora_alpha / sqrt(r) (Kalajdzievski 2023)."""
     modules_to_save: Optional[list[str]] = None
+    """Whole modules trained and saved per adapter, e.g. a new classification head."""
     init_lora_weights: Union[bool, str] = True
+    """Initialisation: true (A Kaiming-uniform, B zero), ``gaussian``, false (both random, for
+    tests), ``pissa`` / ``pissa_niter_K`` (principal singular vectors), ``olora`` (QR)."""
     layers_to_transform: Optional[Union[list[int], int]] = None
+    """Only these layer indices get adapters (with list-valued target_modules)."""
     layers_pattern: Optional[Union[list[str], str]] = None
+    """Name of the layer list the indices count in, such as ``layers`` or ``h``; default: common names."""
     rank_pattern: dict[str, int] = field(default_factory=dict)
+    """Per-module rank overrides: {regex matching the end of a module name: r}."""
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    """Per-module lora_alpha overrides, keyed like rank_pattern."""
     use_dora: bool = False
+    """DoRA: a trained magnitude per output row over the normalised W + sBA (Liu et al. 2024)."""
     task_type: Optional[str] = None
+    """PEFT's task type label, such as ``CAUSAL_LM``, saved in adapter_config.json."""
     base_model_name_or_path: Optional[str] = None
+    """The base model the adapter was trained on, saved in adapter_config.json."""
     inference_mode: bool = False
+    """Freeze the adapter (set when loading an adapter for inference)."""
 
     def __post_init__(self) -> None:
         _require(isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0,
