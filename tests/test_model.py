@@ -237,3 +237,17 @@ def test_attribute_forwarding_and_generate():
 def test_wrap_refuses_non_config():
     with pytest.raises(ConfigError, match="LoraConfig"):
         lorafit.wrap(tiny_llama(), {"r": 2})
+
+
+def test_drops_into_a_hugging_face_trainer(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = lorafit.wrap(tiny_llama(), LoraConfig(r=4, target_modules="all-linear"))
+    ids = torch.randint(3, 400, (8, 10), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4,
+                             learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no")
+    Trainer(model=model, args=args, train_dataset=data).train()
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+    assert changed and all(".lora." in n for n in changed)

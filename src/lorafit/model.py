@@ -305,7 +305,17 @@ class LoraModel(nn.Module):
             for layer in wrappers:
                 layer.rows = None
 
-    def forward(self, *args, adapter_names: Optional[Sequence[Optional[str]]] = None, **kwargs):
+    def forward(self, *args, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                inputs_embeds=None, labels=None, past_key_values=None,
+                adapter_names: Optional[Sequence[Optional[str]]] = None, **kwargs):
+        """Call the wrapped model; row i of the batch uses ``adapter_names[i]`` when given.
+
+        The usual Hugging Face inputs are named so that tools that read the signature (the
+        ``Trainer`` keeps only dataset columns the model's forward names) see them."""
+        named = dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                     position_ids=position_ids, inputs_embeds=inputs_embeds, labels=labels,
+                     past_key_values=past_key_values)
+        kwargs.update({k: v for k, v in named.items() if v is not None})
         with self.adapter_rows(adapter_names):
             return self.model(*args, **kwargs)
 
