@@ -168,3 +168,13 @@ def test_fused_dropout_uses_one_mask_for_forward_and_backward():
     want = torch.autograd.grad(ref.sum(), [x, w.A, w.B])
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_core_import_needs_only_torch_and_safetensors():
+    import subprocess
+    import sys
+
+    code = ("import sys, lorafit; heavy = {'transformers', 'bitsandbytes', 'yaml', 'fastapi', 'peft'}; "
+            "print(sorted(heavy & set(sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -253,7 +253,7 @@ class LoraLinear(LoraLayer):
             return None
         w = self.lora[self.active[0]] if self.active[0] in self.lora else None
         base = self.base_layer
-        if type(w) is not LoraWeights or type(base) not in _FUSABLE_BASES or base.weight.requires_grad:
+        if type(w) is not LoraWeights or not (type(base) is nn.Linear or _is_hf_conv1d(base)) or base.weight.requires_grad:
             return None
         return w
 
@@ -284,17 +284,6 @@ class LoraLinear(LoraLayer):
         h = torch.bmm(xb, a_stack[slots].transpose(1, 2))  # (b, T, r_max)
         out = torch.bmm(h, b_stack[slots].transpose(1, 2))  # (b, T, out)
         return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
-
-
-def _fusable_bases() -> tuple[type, ...]:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:
-        return (nn.Linear,)
-    return (nn.Linear, Conv1D)
-
-
-_FUSABLE_BASES = _fusable_bases()
 
 
 class LoraEmbedding(LoraLayer):
@@ -359,11 +348,9 @@ class LayerKind:
 
 
 def _is_hf_conv1d(module: nn.Module) -> bool:
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:
-        return False
-    return isinstance(module, Conv1D)
+    """Hugging Face's `Conv1D` (GPT-2), recognised without importing transformers."""
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers.")
 
 
 # Checked in order; `register_kind` puts new kinds (e.g. quantised linears) first.
