@@ -223,11 +223,6 @@ def test_the_progress_bar_shows_only_on_a_terminal():
         assert bool(stream.getvalue()) is shown
 
 
-def test_distributed_training_is_refused_for_now(tmp_path, tiny_config):
-    with pytest.raises(lorafit.ConfigError, match="train.distributed = 'ddp' is not available yet"):
-        train(run_config(tiny_config(tmp_path / "run", train={"distributed": "ddp"})))
-
-
 def test_hidden_state_loss_equals_the_logits_loss_in_value_and_gradient():
     import lorafit
     from lorafit.train.evaluation import logits_of, summed_loss

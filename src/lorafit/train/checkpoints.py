@@ -5,14 +5,19 @@ Layout of ``RUN_DIR/checkpoints/step-N/``:
 * ``adapter/``: the adapter files at step N (usable with ``lorafit eval`` / ``lorafit.load``);
 * ``state.safetensors``: tensors: trainable parameters (``param.<name>``), optimizer state
   (``optim.<i>.<key>``, i = position in the optimizer's parameter order), torch RNG states
-  (``rng.torch``, ``rng.cuda.<device>``);
+  of rank 0 (``rng.torch``, ``rng.cuda.<device>``) and of each other rank r of a multi-process
+  run (``rng.rank<r>.torch``, ``rng.rank<r>.cuda.<device>``);
 * ``state.json``: everything else: `TrainState` (step, data position, ...), the optimizer's
   parameter groups and scalar state, scheduler and grad-scaler state, Python's (and numpy's,
   when loaded) RNG state.
 
+Parameters and optimizer state are whole (a multi-process run keeps the trainable parameters
+unsharded, see `distributed`), so a checkpoint resumes with any number of processes.
+
 A checkpoint is built in ``checkpoints/.tmp-step-N`` and renamed into place, so a run killed at
 any moment leaves only complete ``step-N`` directories; the oldest beyond ``keep_last`` are
-deleted after the rename.
+deleted after the rename. A write that fails (disk full, unwritable directory) removes the
+partial checkpoint and raises a `TrainingError` naming the path; earlier checkpoints stay.
 """
 
 from __future__ import annotations
@@ -24,13 +29,14 @@ import shutil
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..atomic import atomic_write_files
-from ..errors import TrainingError
+from ..errors import AdapterFileError, TrainingError
 
 CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"step-(\d+)")
@@ -58,6 +64,8 @@ class TrainState:
     pending_losses: list[float] = field(default_factory=list)
     """Step losses not yet written to metrics.jsonl (``log_every`` > 1)."""
     last_eval_step: Optional[int] = None
+    world_size: int = 1
+    """Processes of the run when the state was saved: `batch` indexes that world's batch plan."""
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -78,17 +86,21 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
 
 
 def save_checkpoint(run_dir: Path, state: TrainState, model, optimizer, scheduler, scaler,
-                    keep_last: int, save_adapter: Callable[[Path], None]) -> Path:
-    """Write the checkpoint of `state.step` atomically, then drop all but the newest `keep_last`."""
+                    keep_last: int, save_adapter: Callable[[Path], None],
+                    rng: Optional[Sequence[dict[str, torch.Tensor]]] = None) -> Path:
+    """Write the checkpoint of `state.step` atomically, then drop all but the newest `keep_last`.
+
+    `rng` holds each rank's `torch_rng()`, by rank (default: this process's alone).
+    """
     final = checkpoint_dir(run_dir, state.step)
     tmp = final.with_name(f".tmp-{final.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_adapter(tmp / "adapter")
+    previous = latest_checkpoint(run_dir)
     tensors, optim_json = _optimizer_state(optimizer)
     tensors.update({f"param.{name}": p.detach().contiguous().cpu()
                     for name, p in model.named_parameters() if p.requires_grad})
-    tensors.update(_torch_rng())
+    for rank, states in enumerate(rng or [torch_rng()]):
+        prefix = "rng." if rank == 0 else f"rng.rank{rank}."
+        tensors.update({prefix + key: value for key, value in states.items()})
     meta = {
         "train": asdict(state),
         "optimizer": optim_json,
@@ -96,21 +108,39 @@ def save_checkpoint(run_dir: Path, state: TrainState, model, optimizer, schedule
         "scaler": scaler.state_dict(),
         "rng": _host_rng(),
     }
-    atomic_write_files([(tmp / "state.safetensors", lambda p: save_file(tensors, p)),  # fsync'ed
-                        (tmp / "state.json", lambda p: p.write_text(json.dumps(meta), encoding="utf-8"))])
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_adapter(tmp / "adapter")
+        atomic_write_files([(tmp / "state.safetensors", lambda p: save_file(tensors, p)),  # fsync'ed
+                            (tmp / "state.json", lambda p: p.write_text(json.dumps(meta), encoding="utf-8"))])
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    except (OSError, SafetensorError, AdapterFileError) as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = f"the previous checkpoint {previous} is intact" if previous else "there is no earlier checkpoint"
+        raise TrainingError(f"cannot write the checkpoint of step {state.step} to {final} ({exc}); {kept}. "
+                            f"Free space or fix the directory, then `lorafit train --resume {run_dir}`") from None
     for _, old in list_checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, scaler) -> TrainState:
-    """Restore parameters, optimizer, scheduler, scaler and RNG states; return the `TrainState`."""
+def read_train_state(path: Path) -> TrainState:
+    """The `TrainState` of the checkpoint at `path`, without loading anything else."""
+    return TrainState(**_read_meta(path)["train"])
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, rank: int = 0) -> TrainState:
+    """Restore parameters, optimizer, scheduler, scaler and RNG states; return the `TrainState`.
+
+    The torch RNG states restored are those saved for `rank`; a rank the checkpoint has none for
+    (the run had fewer processes) keeps its own. Python's and numpy's come from rank 0.
+    """
+    meta = _read_meta(path)
     try:
-        meta = json.loads((path / "state.json").read_text(encoding="utf-8"))
         tensors = load_file(path / "state.safetensors")
-    except (OSError, ValueError) as exc:
+    except (OSError, SafetensorError) as exc:
         raise TrainingError(f"{path}: broken checkpoint ({exc})") from None
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
     stored = {key[len("param."):] for key in tensors if key.startswith("param.")}
@@ -123,8 +153,15 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, scaler) -> TrainSta
     _load_optimizer(optimizer, tensors, meta["optimizer"], path)
     scheduler.load_state_dict(meta["scheduler"])
     scaler.load_state_dict(meta["scaler"])
-    _set_rng(tensors, meta["rng"])
+    _set_rng(tensors, meta["rng"], rank)
     return TrainState(**meta["train"])
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads((path / "state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise TrainingError(f"{path}: broken checkpoint ({exc})") from None
 
 
 def remove_partial(run_dir: Path) -> None:
@@ -171,10 +208,12 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.T
 # -- random number generators ----------------------------------------------------------------------
 
 
-def _torch_rng() -> dict[str, torch.Tensor]:
-    states = {"rng.torch": torch.get_rng_state()}
+def torch_rng() -> dict[str, torch.Tensor]:
+    """This process's torch RNG states: ``torch`` (CPU) and ``cuda.<i>`` for its current device."""
+    states = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        states.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+        device = torch.cuda.current_device()
+        states[f"cuda.{device}"] = torch.cuda.get_rng_state(device)
     return states
 
 
@@ -188,12 +227,14 @@ def _host_rng() -> dict[str, Any]:
     return states
 
 
-def _set_rng(tensors: dict[str, torch.Tensor], host: dict[str, Any]) -> None:
-    torch.set_rng_state(tensors["rng.torch"])
-    cuda = [tensors[k] for k in sorted((k for k in tensors if k.startswith("rng.cuda.")),
-                                       key=lambda k: int(k.rsplit(".", 1)[1]))]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
+def _set_rng(tensors: dict[str, torch.Tensor], host: dict[str, Any], rank: int) -> None:
+    prefix = "rng." if rank == 0 else f"rng.rank{rank}."
+    if prefix + "torch" in tensors:
+        torch.set_rng_state(tensors[prefix + "torch"])
+    for key, state in tensors.items():
+        device = key[len(prefix + "cuda."):]
+        if key.startswith(prefix + "cuda.") and torch.cuda.is_available() and int(device) < torch.cuda.device_count():
+            torch.cuda.set_rng_state(state, int(device))
     version, internal, gauss = host["python"]
     random.setstate((version, tuple(internal), gauss))
     if "numpy" in host and "numpy" in sys.modules:

@@ -32,7 +32,7 @@ TASKS = ("auto", "causal_lm", "classification")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 QUANTIZE_MODES = ("none", "nf4", "fp4", "int8")
 SCHEDULERS = ("cosine", "linear", "constant")
-DISTRIBUTED = ("none", "ddp", "fsdp")
+DISTRIBUTED = ("auto", "none", "ddp", "fsdp")
 # Eval metrics early stopping can watch, and whether larger is better.
 METRIC_GOALS = {"loss": "min", "perplexity": "min", "accuracy": "max"}
 TASK_METRICS = {"causal_lm": ("loss", "perplexity"), "classification": ("loss", "accuracy")}
@@ -110,8 +110,15 @@ class TrainConfig:
     """Eval metric watched by early stopping (loss and perplexity fall, accuracy rises)."""
     log_every: int = 1
     """Write a metrics.jsonl line every N steps (loss averaged over those steps)."""
-    distributed: Literal["none", "ddp", "fsdp"] = "none"
-    """Multi-process training under torchrun (not available yet: only ``none``)."""
+    distributed: Literal["auto", "none", "ddp", "fsdp"] = "auto"
+    """Data parallelism when launched by torchrun with more than one process. ``ddp``: every
+    process holds the whole model; ``fsdp``: the frozen base is sharded across the processes
+    (FSDP2) so a larger model fits; ``auto``: ``ddp``. ``none`` refuses a multi-process launch.
+    In both modes only the adapter is trained, replicated and summed across processes after
+    each step (`lorafit.train.distributed`). Without torchrun every value trains one process."""
+    dist_timeout_s: float = 60.0
+    """Seconds a process waits in a collective for the others before the run fails: a process
+    that died or hangs stops the job after at most this long."""
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "grad_accum", "keep_last", "log_every"):
@@ -140,6 +147,8 @@ class TrainConfig:
                  self.early_stopping_metric, f"one of {list(METRIC_GOALS)}")
         _require(self.distributed in DISTRIBUTED, "train.distributed", self.distributed,
                  f"one of {list(DISTRIBUTED)}")
+        _require(_is_number(self.dist_timeout_s) and self.dist_timeout_s > 0, "train.dist_timeout_s",
+                 self.dist_timeout_s, "a positive number of seconds")
 
     def warmup_for(self, total_steps: int) -> int:
         """Warmup steps of a run of `total_steps` steps."""
@@ -172,6 +181,9 @@ class RunConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
 
     def __post_init__(self) -> None:
+        if self.train.distributed == "fsdp" and self.model.quantize != "none":
+            raise ConfigError(f"model.quantize = {self.model.quantize!r} cannot be combined with "
+                              f"train.distributed = 'fsdp' (quantised weights do not shard); use 'ddp'")
         if self.task == "classification" and self.data.format != "classification":
             raise ConfigError(f"model.task = 'classification' needs data.format = 'classification', "
                               f"got {self.data.format!r}")

@@ -5,27 +5,40 @@ summed loss by the targets of the whole window. Everything a step depends on (pa
 optimizer, scheduler, RNG states, data position) is in each checkpoint, so a run resumed from
 step N continues bit for bit (on CPU) as if it had never stopped.
 
-Multi-process training is not written yet; the plumbing it needs is: `process_group` gives the
-rank and world size, `batch_plan` shards the data by them, and only rank 0 writes files.
+Under torchrun every process runs this loop on its shard of each global batch (``batch_size x
+grad_accum x processes`` examples per step), the target counts and gradients are summed across
+processes (`distributed`), every process evaluates the whole eval split, and rank 0 alone writes
+files while the others wait. A process's dropout stream is seeded with ``train.seed + rank``.
+
+SIGINT or SIGTERM (torchrun passes them to every process) ends the run after the optimizer step
+in progress: a checkpoint of that step is written and `TrainingInterrupted` raised. Under
+``torchrun --max-restarts K``, `train` of a run directory that a failed attempt left behind
+(``TORCHELASTIC_RESTART_COUNT`` > 0, same config) resumes it from its latest checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import math
+import os
 import random
-import sys
+import signal
+import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
 from ..atomic import atomic_write_json
 from ..data import DataReport, batch_plan, collate, load_dataset_splits
 from ..errors import ConfigError, TrainingError
-from .checkpoints import TrainState, latest_checkpoint, load_checkpoint, remove_partial, save_checkpoint
-from .config import METRIC_GOALS, RunConfig, TrainConfig, load_run_config, resolved, save_run_config
+from . import distributed
+from .checkpoints import (TrainState, latest_checkpoint, load_checkpoint, read_train_state, remove_partial,
+                          save_checkpoint, torch_rng)
+from .config import METRIC_GOALS, RunConfig, load_run_config, resolved, save_run_config
 from .evaluation import evaluate, summed_loss
 from .losses import LOSSES
 from .metrics import MetricsWriter, plot_losses, read_metrics, truncate_metrics
@@ -34,75 +47,147 @@ from .optim import build_optimizer, build_scheduler
 from .progress import Progress
 
 CONFIG_FILE = "config.yaml"
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class TrainingInterrupted(TrainingError):
+    """SIGINT or SIGTERM stopped the run after a complete step, whose checkpoint was written."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
 
 
 def train(cfg: RunConfig) -> dict[str, Any]:
-    """Run `cfg` from scratch in the new (or empty) directory ``cfg.output.dir``; return the summary."""
-    run_dir = Path(cfg.output.dir)
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise ConfigError(f"output.dir = {str(run_dir)!r} is not empty: continue that run with "
-                          f"`lorafit train --resume {run_dir}`, or choose another output.dir")
-    return Trainer(cfg, resume=False).run()
+    """Run `cfg` from scratch in the new (or empty) directory ``cfg.output.dir``; return the summary.
+
+    Under ``torchrun --max-restarts``, a restarted attempt finds the directory its predecessor
+    left and resumes it (when the config is the same)."""
+    with distributed.session(cfg.train) as group:
+        restarted = group.from_main(lambda: _claim_run_dir(cfg))
+        run_cfg = _saved_config(Path(cfg.output.dir)) if restarted else cfg
+        return Trainer(run_cfg, resume=restarted, group=group).run()
 
 
 def resume(run_dir: Path | str) -> dict[str, Any]:
-    """Continue the run in `run_dir` from its latest checkpoint (from the start when it has none)."""
-    run_dir = Path(run_dir)
+    """Continue the run in `run_dir` from its latest checkpoint (from the start when it has none),
+    with as many processes as launched now."""
+    cfg = _saved_config(Path(run_dir))
+    with distributed.session(cfg.train) as group:
+        return Trainer(cfg, resume=True, group=group).run()
+
+
+def _saved_config(run_dir: Path) -> RunConfig:
+    """The config a run directory holds, writing to that directory."""
     if not (run_dir / CONFIG_FILE).is_file():
         raise ConfigError(f"{run_dir}: not a run directory (no {CONFIG_FILE})")
     cfg = load_run_config(run_dir / CONFIG_FILE)
-    cfg = dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, dir=str(run_dir)))
-    return Trainer(cfg, resume=True).run()
+    return dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, dir=str(run_dir)))
 
 
-def process_group(cfg: TrainConfig) -> tuple[int, int]:
-    """``(rank, world_size)`` of this process."""
-    if cfg.distributed != "none":
-        raise ConfigError(f"train.distributed = {cfg.distributed!r} is not available yet; use 'none'")
-    return 0, 1
+def _claim_run_dir(cfg: RunConfig) -> bool:
+    """Create the run directory of `cfg` with its config; True instead when it is an elastic
+    restart's to resume (torchrun restarted the job and the directory holds the same run)."""
+    run_dir = Path(cfg.output.dir)
+    with _writing(run_dir):
+        if run_dir.exists() and any(run_dir.iterdir()):
+            saved = run_dir / CONFIG_FILE
+            if elastic_restart() and saved.is_file() and load_run_config(saved) == resolved(cfg):
+                print(f"elastic restart {elastic_restart()}: resuming {run_dir}")
+                return True
+            raise ConfigError(f"output.dir = {str(run_dir)!r} is not empty: continue that run with "
+                              f"`lorafit train --resume {run_dir}`, or choose another output.dir")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_run_config(resolved(cfg), run_dir / CONFIG_FILE)
+    return False
 
 
-def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
-    return cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
+def elastic_restart() -> int:
+    """How many times torchrun restarted this job (0 on its first attempt or without torchrun)."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Turn a failed write under `path` (disk full, a file where a directory should be) into a
+    `TrainingError` naming it."""
+    try:
+        yield
+    except OSError as exc:
+        where = exc.filename or path
+        raise TrainingError(f"cannot write {where}: {exc.strerror or exc}") from None
 
 
 class Trainer:
     """One run: the model, data, optimizer and bookkeeping, and the loop over them."""
 
-    def __init__(self, cfg: RunConfig, resume: bool):
+    def __init__(self, cfg: RunConfig, resume: bool, group: Optional[distributed.Group] = None):
         self.cfg = cfg
         self.run_dir = Path(cfg.output.dir)
-        self.rank, self.world_size = process_group(cfg.train)
-        self.main = self.rank == 0
-        self.device = default_device()
+        self.group = group or distributed.Group("none", default_device())
+        self.rank, self.world_size, self.main = self.group.rank, self.group.world_size, self.group.main
+        self.device = self.group.device
         self.dtype = resolve_dtype(cfg.model.dtype, self.device)
         self.task = cfg.task
         self.loss_fn = LOSSES[self.task]
+        self.stop_signal: Optional[int] = None
 
         torch.manual_seed(cfg.train.seed)
         random.seed(cfg.train.seed)
         tokenizer = load_tokenizer(cfg.model)
         self.train_set, self.eval_set, self.report = load_dataset_splits(cfg.data, tokenizer)
         self.lengths = self.train_set.lengths
-        self.model = build_model(cfg, self.report.labels, self.device, self.train_set.pad_id)
+        self.model = self._build_model()
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        if self.group.active:
+            self.group.broadcast(self.trainable)  # identical starting adapters, whatever the init
+            torch.manual_seed(cfg.train.seed + self.rank)  # a dropout stream per process
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.batches_per_epoch = len(self._plan(0))  # the same in every epoch
         self.steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.train.grad_accum)
-        self.total = total_steps(cfg.train, self.steps_per_epoch)
+        self.state = TrainState(world_size=self.world_size)
+        self.checkpoint: Optional[Path] = None
+        if resume:
+            self.checkpoint = self.group.from_main(self._resume_point)
+            if self.checkpoint is not None:
+                self.state = self._rescaled(read_train_state(self.checkpoint))
+        self.total = self._total_steps()
         self.scheduler = build_scheduler(self.optimizer, cfg.train, self.total)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
-        self.state = TrainState()
-        self.checkpoint: Optional[Path] = None
-
-        if self.main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_run_config(resolved(cfg), self.run_dir / CONFIG_FILE)
-        if resume:
-            self._restore()
+        if self.checkpoint is not None:
+            self.state = self._rescaled(load_checkpoint(self.checkpoint, self.model, self.optimizer,
+                                                        self.scheduler, self.scaler, self.rank))
         self.metrics = MetricsWriter(self.run_dir, cfg.output.tensorboard) if self.main else None
         self.started = time.perf_counter()
         self.first = self.last_log = (self.started, self.state.tokens)
+
+    def _build_model(self):
+        """The LoRA-wrapped model on this process's device; under FSDP built on the CPU in the
+        dtype it would have on the device, then sharded there."""
+        cfg = self.cfg
+        if self.group.mode != "fsdp":
+            return build_model(cfg, self.report.labels, self.device, self.train_set.pad_id)
+        on_cpu = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype=dtype_name(self.dtype)))
+        model = build_model(on_cpu, self.report.labels, torch.device("cpu"), self.train_set.pad_id)
+        distributed.shard(model, self.group)
+        return model
+
+    def _total_steps(self) -> int:
+        """``max_steps``, or the steps left to the end of the last epoch from `state` (at the
+        current world size) plus those taken."""
+        cfg, state = self.cfg.train, self.state
+        if cfg.max_steps is not None:
+            return cfg.max_steps
+        if state.epoch >= cfg.epochs:
+            return state.step
+        this_epoch = math.ceil((self.batches_per_epoch - state.batch) / cfg.grad_accum)
+        return state.step + this_epoch + (cfg.epochs - state.epoch - 1) * self.steps_per_epoch
+
+    def _rescaled(self, state: TrainState) -> TrainState:
+        """`state` with its data position moved to this run's number of processes."""
+        batch = distributed.rescale_position(state.batch, state.world_size, self.world_size,
+                                             self.cfg.train.batch_size, len(self.lengths))
+        return dataclasses.replace(state, batch=batch, world_size=self.world_size)
 
     # -- the loop --------------------------------------------------------------------------------
 
@@ -110,52 +195,81 @@ class Trainer:
         cfg, state = self.cfg.train, self.state
         self._announce()
         if cfg.eval_on_start and state.step == 0 and self.eval_set is not None:
-            print(self._evaluate())
-        progress = Progress(self.total, initial=state.step)
+            self._print(self._evaluate())
+        progress = Progress(self.total, initial=state.step, stream=None if self.main else io.StringIO())
         try:
-            plan, plan_epoch = None, None
-            while state.step < self.total and not self._early_stopped():
-                if plan_epoch != state.epoch:
-                    plan, plan_epoch = self._plan(state.epoch), state.epoch
-                window = plan[state.batch:state.batch + cfg.grad_accum]
-                lr = self.scheduler.get_last_lr()[0]
-                loss, grad_norm, tokens = self._step(window)
-                state.step += 1
-                state.batch += len(window)
-                state.tokens += tokens
-                state.pending_losses.append(loss)
-                if state.batch >= self.batches_per_epoch:
-                    state.epoch, state.batch = state.epoch + 1, 0
-                if state.step % cfg.log_every == 0 or state.step == self.total:
-                    self._log(lr, grad_norm)
-                progress.update(state.step, loss, lr, self._tokens_per_s(self.first))
-                if cfg.eval_every and state.step % cfg.eval_every == 0 and self.eval_set is not None:
-                    progress.write(self._evaluate())
-                if cfg.save_every and state.step % cfg.save_every == 0:
-                    self._save()
+            with self._stop_signals():
+                plan, plan_epoch = None, None
+                while state.step < self.total and not self._early_stopped():
+                    if plan_epoch != state.epoch:
+                        plan, plan_epoch = self._plan(state.epoch), state.epoch
+                    window = plan[state.batch:state.batch + cfg.grad_accum]
+                    lr = self.scheduler.get_last_lr()[0]
+                    done = self._step(window)
+                    if done is None:
+                        raise self._interrupted()
+                    loss, grad_norm, tokens = done
+                    state.step += 1
+                    state.batch += len(window)
+                    state.tokens += tokens
+                    state.pending_losses.append(loss)
+                    if state.batch >= self.batches_per_epoch:
+                        state.epoch, state.batch = state.epoch + 1, 0
+                    if state.step % cfg.log_every == 0 or state.step == self.total:
+                        self._log(lr, grad_norm)
+                    progress.update(state.step, loss, lr, self._tokens_per_s(self.first))
+                    if cfg.eval_every and state.step % cfg.eval_every == 0 and self.eval_set is not None:
+                        line = self._evaluate()
+                        if self.main:
+                            progress.write(line)
+                    if cfg.save_every and state.step % cfg.save_every == 0:
+                        self._save()
+                if state.pending_losses:  # early stop between two log steps
+                    self._log(self.scheduler.get_last_lr()[0], None)
+                if self.eval_set is not None and state.last_eval_step != state.step:
+                    self._print(self._evaluate())
+                return self._finish()
+        except RuntimeError as exc:
+            lost = self.group.lost(exc)  # a collective inside the model (FSDP) failed
+            if lost is None:
+                raise
+            raise self._stopped_by(lost) from None
+        except distributed.PeerLost as exc:
+            raise self._stopped_by(exc) from None
         finally:
             progress.close()
-        if state.pending_losses:  # early stop between two log steps
-            self._log(self.scheduler.get_last_lr()[0], None)
-        if self.eval_set is not None and state.last_eval_step != state.step:
-            print(self._evaluate())
-        return self._finish()
 
     def _plan(self, epoch: int) -> list[list[int]]:
         return batch_plan(self.lengths, self.cfg.train.batch_size, self.cfg.data.shuffle_seed, epoch,
                           self.rank, self.world_size, self.cfg.data.group_by_length)
 
-    def _step(self, window: list[list[int]]) -> tuple[float, float, int]:
-        """One optimizer step over the micro-batches of `window`: ``(loss, grad norm, tokens)``."""
-        batches = [collate([self.train_set[i] for i in ids], self.train_set.pad_id) for ids in window if ids]
-        targets = max(1, sum(self.loss_fn.targets(batch["labels"]) for batch in batches))
-        total = 0.0
+    def _step(self, window: list[list[int]]) -> Optional[tuple[float, float, int]]:
+        """One optimizer step over the micro-batches of `window`: ``(loss, grad norm, tokens)``,
+        summed over the processes; None, with nothing done, when a process was asked to stop.
+
+        One all-reduce before the forward passes gives every process the step's target and
+        token counts (and whether to stop); one after them sums gradients and loss.
+        """
+        batches = [collate([self.train_set[i] for i in ids], self.train_set.pad_id) if ids else None
+                   for ids in window]
+        counts = torch.tensor([sum(self.loss_fn.targets(b["labels"]) for b in batches if b is not None),
+                               sum(self.lengths[i] for ids in window for i in ids),
+                               self.stop_signal is not None], device=self.device)
+        targets, tokens, stop = self.group.sum(counts).tolist()
+        if stop:
+            return None
+        total = torch.zeros(1, device=self.device)
         for batch in batches:
-            loss = summed_loss(self.model, batch, self.task, self.device, self.dtype)[0] / targets
-            if not torch.isfinite(loss):
-                raise self._diverged(f"the loss is {loss.item()}")
+            if batch is None:  # an empty share of the epoch's last global batch
+                if self.group.mode == "fsdp":
+                    self._idle_pass()
+                continue
+            loss = summed_loss(self.model, batch, self.task, self.device, self.dtype)[0] / max(1, targets)
             self.scaler.scale(loss).backward()
-            total += loss.item()
+            total += loss.detach().float()
+        loss = distributed.sync_gradients(self.trainable, total, self.group).item()
+        if not math.isfinite(loss):
+            raise self._diverged(f"the loss is {loss}")
         self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.train.max_grad_norm or math.inf)
         if not torch.isfinite(norm) and not self.scaler.is_enabled():  # fp16: the scaler skips the step
@@ -164,22 +278,70 @@ class Trainer:
         self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total, norm.item(), sum(self.lengths[i] for ids in window for i in ids)
+        return loss, norm.item(), tokens
+
+    def _idle_pass(self) -> None:
+        """A zero-weighted forward and backward, so this process joins the FSDP all-gathers of a
+        micro-batch the others run while its own share is empty."""
+        batch = collate([self.train_set[0]], self.train_set.pad_id)
+        loss = summed_loss(self.model, batch, self.task, self.device, self.dtype)[0]
+        self.scaler.scale(loss * 0.0).backward()
 
     def _diverged(self, what: str) -> TrainingError:
         state = self.state
-        kept = (f"the last good checkpoint is {self.checkpoint}" if self.checkpoint is not None
-                else "no checkpoint was written before it (see train.save_every)")
         return TrainingError(
             f"training diverged at step {state.step + 1} (epoch {state.epoch}, batch {state.batch}): "
-            f"{what}; {kept}. Lower train.lr (now {self.cfg.train.lr:g}) or check the data, then "
+            f"{what}; {self._kept()}. Lower train.lr (now {self.cfg.train.lr:g}) or check the data, then "
             f"train again.")
+
+    def _kept(self) -> str:
+        return (f"the last good checkpoint is {self.checkpoint}" if self.checkpoint is not None
+                else "no checkpoint was written before it (see train.save_every)")
+
+    def _stopped_by(self, lost: distributed.PeerLost) -> TrainingError:
+        return TrainingError(f"{lost} (step {self.state.step + 1}); {self._kept()}. Continue with "
+                             f"`lorafit train --resume {self.run_dir}` (torchrun --max-restarts does it itself)")
+
+    # -- interruption ------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _stop_signals(self) -> Iterator[None]:
+        """Within the block, SIGINT and SIGTERM ask the loop to stop after the current step (a
+        second SIGINT stops at once); handlers can only be set from the main thread."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def ask(signum: int, frame: Any) -> None:
+            if self.stop_signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self.stop_signal = self.stop_signal or signum
+
+        previous = {signum: signal.signal(signum, ask) for signum in STOP_SIGNALS}
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def _interrupted(self) -> TrainingInterrupted:
+        """Save the last complete step (unless just saved) and describe the stop."""
+        state = self.state
+        if state.step > 0 and (self.checkpoint is None or self.checkpoint.name != f"step-{state.step}"):
+            self._save()
+        signum = self.stop_signal or signal.SIGTERM  # another process may have got the signal
+        saved = f"checkpoint {self.checkpoint}" if self.checkpoint is not None else "no step to save"
+        return TrainingInterrupted(f"stopped by {signal.Signals(signum).name} after step {state.step} "
+                                   f"({saved}); continue with `lorafit train --resume {self.run_dir}`", signum)
 
     # -- evaluation and early stopping -------------------------------------------------------------
 
     def _evaluate(self) -> str:
+        """Evaluate (every process, on the whole eval split: FSDP needs all in each forward) and
+        record rank 0's figures, which every process then acts on (early stopping)."""
         state, cfg = self.state, self.cfg.train
-        metrics = evaluate(self.model, self.eval_set, self.task, cfg.batch_size, self.device, self.dtype)
+        metrics = self.group.share(evaluate(self.model, self.eval_set, self.task, cfg.batch_size,
+                                            self.device, self.dtype))
         state.last_eval_step = state.step
         self._write({"step": state.step, **{f"eval_{k}": v for k, v in metrics.items()}})
         if cfg.early_stopping_patience is not None and state.step > 0:
@@ -212,7 +374,12 @@ class Trainer:
 
     def _write(self, record: dict[str, Any]) -> None:
         if self.metrics is not None:
-            self.metrics.write(record)
+            with _writing(self.metrics.path):
+                self.metrics.write(record)
+
+    def _print(self, line: str) -> None:
+        if self.main:
+            print(line)
 
     def _elapsed(self) -> float:
         return self.state.elapsed_s + time.perf_counter() - self.started
@@ -231,42 +398,61 @@ class Trainer:
         self.model.save_adapter(path, metadata={"labels": labels} if labels is not None else None)
 
     def _save(self) -> None:
-        if self.main:
-            state = dataclasses.replace(self.state, elapsed_s=self._elapsed())
-            self.checkpoint = save_checkpoint(self.run_dir, state, self.model, self.optimizer, self.scheduler,
-                                              self.scaler, self.cfg.train.keep_last, self._save_adapter)
+        """Write a checkpoint of the current step: every process hands rank 0 its RNG state
+        (and, under FSDP, the targeted base weights) and waits while rank 0 writes."""
+        state = dataclasses.replace(self.state, elapsed_s=self._elapsed())
+        rng = self.group.gather(torch_rng())
+        with distributed.whole_base_weights(self.model, self.group):
+            self.checkpoint = self.group.from_main(lambda: save_checkpoint(
+                self.run_dir, state, self.model, self.optimizer, self.scheduler, self.scaler,
+                self.cfg.train.keep_last, self._save_adapter, rng))
 
-    def _restore(self) -> None:
+    def _resume_point(self) -> Optional[Path]:
+        """(Rank 0) The checkpoint to resume from, after clearing what a killed run left half done."""
         remove_partial(self.run_dir)
-        self.checkpoint = latest_checkpoint(self.run_dir)
-        if self.checkpoint is not None:
-            self.state = load_checkpoint(self.checkpoint, self.model, self.optimizer, self.scheduler, self.scaler)
+        checkpoint = latest_checkpoint(self.run_dir)
+        step = read_train_state(checkpoint).step if checkpoint is not None else None
         print(f"resuming {self.run_dir} from "
-              f"{f'step {self.state.step}' if self.checkpoint is not None else 'the start (no checkpoint yet)'}")
-        if self.main:
-            truncate_metrics(self.run_dir / "metrics.jsonl", self.state.step if self.checkpoint is not None else -1)
+              f"{f'step {step}' if checkpoint is not None else 'the start (no checkpoint yet)'}")
+        with _writing(self.run_dir):
+            truncate_metrics(self.run_dir / "metrics.jsonl", step if checkpoint is not None else -1)
+        return checkpoint
 
     def _announce(self) -> None:
+        if not self.main:
+            return
         cfg = self.cfg.train
         trainable, total = self.model.get_nb_trainable_parameters()
+        processes = (f" x {self.world_size} processes ({self.group.mode}) = global batch {self._global_batch()}"
+                     if self.group.active else "")
         print(self.report.summary())
         print(f"model: {self.cfg.model.name_or_path} ({self.task}, {dtype_name(self.dtype)} on {self.device}); "
               f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%)")
         print(f"training: {self.total} steps ({self.steps_per_epoch} per epoch), batch {cfg.batch_size} x "
-              f"{cfg.grad_accum} accumulation, lr {cfg.lr:g} {cfg.scheduler}; run directory {self.run_dir}")
+              f"{cfg.grad_accum} accumulation{processes}, lr {cfg.lr:g} {cfg.scheduler}; "
+              f"run directory {self.run_dir}")
+
+    def _global_batch(self) -> int:
+        return self.cfg.train.batch_size * self.cfg.train.grad_accum * self.world_size
 
     def _finish(self) -> dict[str, Any]:
+        """Save the adapter and the run's records (rank 0, while the others wait); every process
+        returns the summary."""
+        with distributed.whole_base_weights(self.model, self.group):
+            summary = self.group.from_main(self._write_results)
+        self._print(format_summary(summary))
+        return summary
+
+    def _write_results(self) -> dict[str, Any]:
         adapter = self.run_dir / "adapter"
-        if self.main:
-            self._save_adapter(adapter)
-            self.metrics.close()
+        self._save_adapter(adapter)
+        self.metrics.close()
         records = read_metrics(self.run_dir / "metrics.jsonl")
         summary = self._summary(records, adapter)
-        if self.main:
+        with _writing(self.run_dir):
             atomic_write_json(self.run_dir / "summary.json", summary)
             if self.cfg.output.plot:
                 plot_losses(records, self.run_dir / "loss.png")
-        print(format_summary(summary))
         return summary
 
     def _summary(self, records: list[dict[str, Any]], adapter: Path) -> dict[str, Any]:
@@ -288,6 +474,9 @@ class Trainer:
             "wall_time_s": round(self._elapsed(), 3),
             "device": str(self.device),
             "dtype": dtype_name(self.dtype),
+            "processes": self.world_size,
+            "distributed": self.group.mode,
+            "global_batch": self._global_batch(),
             "data": _data_facts(self.report),
         }
         if cfg.early_stopping_patience is not None:

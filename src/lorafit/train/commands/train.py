@@ -1,8 +1,14 @@
-"""``lorafit train CONFIG.yaml [key=value ...]`` and ``lorafit train --resume RUN_DIR``."""
+"""``lorafit train CONFIG.yaml [key=value ...]`` and ``lorafit train --resume RUN_DIR``.
+
+Under torchrun every process runs this command. Rank 0 reports errors; a process that stops
+because rank 0 did (`RankZeroFailed`) exits 1 quietly. SIGINT / SIGTERM end the run with the
+usual ``128 + signal`` status (130 / 143) once the checkpoint of the last step is written.
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from ...errors import ConfigError
@@ -18,7 +24,9 @@ def register(subparsers) -> None:
                     "train and output; KEY=VALUE arguments override its fields by dotted name "
                     "(train.lr=2e-4 lora.r=16). Relative paths are relative to the current directory. "
                     "RUN_DIR (output.dir) receives config.yaml, metrics.jsonl, checkpoints/step-N/, "
-                    "adapter/, summary.json and loss.png.",
+                    "adapter/, summary.json and loss.png. Launched by torchrun (torchrun "
+                    "--nproc_per_node N -m lorafit train CONFIG.yaml), the processes train one run "
+                    "together (train.distributed). Ctrl-C or SIGTERM saves the last step, then stops.",
         epilog="config fields (KEY=DEFAULT):\n" + format_reference(config_reference()),
         formatter_class=HelpFormatter,
     )
@@ -31,15 +39,24 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..config import load_run_config
-    from ..trainer import resume, train
+    from ..distributed import RankZeroFailed, launch_environment
+    from ..trainer import TrainingInterrupted, resume, train
 
-    if args.resume is not None:
-        if args.config is not None or args.overrides:
-            raise ConfigError("--resume RUN_DIR takes no config or overrides: a resumed run keeps its "
-                              "saved config (RUN_DIR/config.yaml) so that it ends as it would have")
-        resume(args.resume)
-        return 0
-    if args.config is None:
+    if args.resume is not None and (args.config is not None or args.overrides):
+        raise ConfigError("--resume RUN_DIR takes no config or overrides: a resumed run keeps its "
+                          "saved config (RUN_DIR/config.yaml) so that it ends as it would have")
+    if args.resume is None and args.config is None:
         raise ConfigError("give a CONFIG.yaml to train, or --resume RUN_DIR")
-    train(load_run_config(args.config, args.overrides))
+    main = launch_environment()[0] == 0
+    try:
+        if args.resume is not None:
+            resume(args.resume)
+        else:
+            train(load_run_config(args.config, args.overrides))
+    except TrainingInterrupted as exc:
+        if main:
+            print(f"lorafit train: {exc}", file=sys.stderr)
+        return 128 + exc.signum
+    except RankZeroFailed:
+        return 1
     return 0
