@@ -1,10 +1,24 @@
-"""lorafit vs PEFT, side by side on one machine: `make bench` (or `python bench/run.py`).
+"""lorafit vs PEFT (and TRL), side by side on one machine: `make bench` (or `python bench/run.py`).
 
-Every measurement runs in a fresh worker process (so peak memory is that case's alone); the two
-libraries alternate, each case is repeated and the median is kept. Results go to
-bench/results.json, and the README's benchmark table is regenerated from it.
+Every measurement runs in a fresh worker process (so peak memory is that measurement's alone); the
+sides of a case alternate (their order is reversed every other repeat), each case is repeated and
+the median of every figure is kept. Results go to bench/results.json and bench/results.md, and the
+README's benchmark table (between the bench markers) is regenerated from them.
 
     python bench/run.py [--size tiny|default|large] [--repeats N] [--cases train,infer,...]
+                        [--out results.json] [--no-readme]
+
+Cases (each worker's docstring has the details):
+
+* ``train``: one training step, lorafit's loss path (`summed_loss`) vs PEFT's ``.loss``;
+* ``infer``: base vs unmerged single adapter vs merged; a mixed batch of 8 adapters;
+* ``merge``: merge_and_unload, adapter save and adapter load;
+* ``qlora``: the train step on an NF4 base;
+* ``sft``: end-to-end supervised fine-tuning, ``lorafit.train`` vs TRL's SFTTrainer + PEFT
+  (skipped when the data file is absent).
+
+The model is a randomly initialised Llama (`lorafit.testing.tiny_llama`) whose shape `--size`
+picks; it runs on CUDA when a GPU is present, else on the CPU, in fp32.
 """
 
 from __future__ import annotations
@@ -16,23 +30,30 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results.json"
 README = ROOT / "README.md"
 TABLE_START, TABLE_END = "<!-- bench:start -->", "<!-- bench:end -->"
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 SIZES = {
     # the issue's tiny-but-real Llama: 6 layers, hidden 512, vocab 8000, batch 4 x 256
     "default": dict(layers=6, hidden=512, heads=8, intermediate=1376, vocab=8000, batch=4, seq=256, steps=4,
-                    infer_batch=8, infer_seq=128, infer_iters=5),
+                    infer_batch=8, infer_seq=128, infer_iters=5, file_iters=3,
+                    sft_model="default", sft_train=200, sft_eval=50, sft_repeats=1),
     "tiny": dict(layers=2, hidden=64, heads=4, intermediate=128, vocab=512, batch=2, seq=32, steps=2,
-                 infer_batch=8, infer_seq=16, infer_iters=2),
+                 infer_batch=8, infer_seq=16, infer_iters=2, file_iters=1,
+                 sft_model="tiny", sft_train=16, sft_eval=8, sft_repeats=1),
     "large": dict(layers=12, hidden=1024, heads=16, intermediate=2816, vocab=32000, batch=4, seq=512, steps=4,
-                  infer_batch=8, infer_seq=256, infer_iters=5),
+                  infer_batch=8, infer_seq=256, infer_iters=5, file_iters=3,
+                  sft_model="default", sft_train=900, sft_eval=99, sft_repeats=1),
 }
 
 
@@ -45,41 +66,53 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-class PeakRSS:
-    """Peak resident memory above a baseline, sampled by a thread (and the CUDA peak on GPU)."""
+class PeakMemory:
+    """Memory of this process: resident set size sampled every 2 ms by a thread on CPU, the
+    allocator's figures on CUDA. Made before the model, so that ``above_start`` counts the model
+    too; ``above_window`` counts only what the ``with`` block added (activations, gradients,
+    optimizer state)."""
 
     def __init__(self, device):
-        import threading
+        self.device = device
+        self.start = self._now()
+        self.window_start = self.peak = self.start
 
-        self.device, self.base, self.peak = device, _rss_bytes(), _rss_bytes()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+    def _now(self) -> int:
+        import torch
 
-    def _run(self):
-        while not self._stop.wait(0.002):
-            self.peak = max(self.peak, _rss_bytes())
+        return torch.cuda.memory_allocated() if self.device.type == "cuda" else _rss_bytes()
 
     def __enter__(self):
+        import threading
+
         import torch
 
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
+        self.window_start = self.peak = self._now()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
+
+    def _sample(self):
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, _rss_bytes())
 
     def __exit__(self, *exc):
         import torch
 
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, _rss_bytes())
-        if self.device.type == "cuda":
-            self.peak = torch.cuda.max_memory_allocated()
+        self.peak = torch.cuda.max_memory_allocated() if self.device.type == "cuda" else max(self.peak, _rss_bytes())
 
     @property
-    def above_base_mb(self) -> float:
-        return (self.peak - self.base) / 2**20
+    def above_window_mb(self) -> float:
+        return (self.peak - self.window_start) / 2**20
+
+    @property
+    def above_start_mb(self) -> float:
+        return (self.peak - self.start) / 2**20
 
 
 def _device():
@@ -106,17 +139,24 @@ def _model(size, device):
     return model.to(device=device, dtype=torch.float32)
 
 
-def _wrap(side, model, r=16, alpha=32, dropout=0.0, adapter_name="default"):
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+def _lora_config(side, r=16, alpha=32, dropout=0.0):
     if side == "peft":
         import peft
 
-        cfg = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets)
-        return peft.get_peft_model(model, cfg, adapter_name=adapter_name)
+        return peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=TARGETS)
     import lorafit
 
-    return lorafit.wrap(model, lorafit.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
-                                                  target_modules=targets), adapter_name=adapter_name)
+    return lorafit.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=TARGETS)
+
+
+def _wrap(side, model, adapter_name="default"):
+    if side == "peft":
+        import peft
+
+        return peft.get_peft_model(model, _lora_config(side), adapter_name=adapter_name)
+    import lorafit
+
+    return lorafit.wrap(model, _lora_config(side), adapter_name=adapter_name)
 
 
 def _timed(fn, iters, device):
@@ -130,48 +170,76 @@ def _timed(fn, iters, device):
     return statistics.median(times)
 
 
-def worker_train(side, size):
-    """Case 1: a training step on a fixed batch; ratio step / (2 x no-grad base forward)."""
+def _token_batch(s, rows, cols, device):
     import torch
 
+    return torch.randint(3, s["vocab"], (rows, cols), generator=torch.Generator().manual_seed(0)).to(device)
+
+
+def worker_train(side, size, workdir):
+    """Case 1: a training step (forward, backward, AdamW) on a fixed batch, LoRA r=16 on every
+    linear layer of the blocks; its ratio to two no-grad forwards of the base (the floor: a LoRA
+    step is one forward plus one backward through frozen weights, about two forwards)."""
     s, device = SIZES[size], _device()
+    memory = PeakMemory(device)
     model = _model(size, device)
-    ids = torch.randint(3, s["vocab"], (s["batch"], s["seq"]), generator=torch.Generator().manual_seed(0)).to(device)
-    with torch.no_grad():
-        model(input_ids=ids)
-        forward = _timed(lambda: model(input_ids=ids), s["steps"], device)
-    peft_model = _wrap(side, model)
-    peft_model.train()
-    step = _train_step(side, peft_model, ids)
-    with PeakRSS(device) as mem:
+    ids = _token_batch(s, s["batch"], s["seq"], device)
+    forward = _base_forward_time(model, ids, s["steps"], device)
+    wrapped = _wrap(side, model).train()
+    step = _train_step(side, wrapped, ids, device)
+    with memory:
         step()  # warm-up (allocator, optimizer state)
         seconds = _timed(step, s["steps"], device)
     tokens = s["batch"] * s["seq"]
     return {"step_s": seconds, "forward_s": forward, "step_over_2fwd": seconds / (2 * forward),
-            "tokens_per_s": tokens / seconds, "peak_mem_mb": mem.above_base_mb}
+            "tokens_per_s": tokens / seconds, "peak_mem_mb": memory.above_window_mb,
+            "peak_total_mb": memory.above_start_mb}
 
 
-def _train_step(side, model, ids):
+def _base_forward_time(model, ids, iters, device):
     import torch
+
+    with torch.no_grad():
+        model(input_ids=ids)
+        return _timed(lambda: model(input_ids=ids), iters, device)
+
+
+def _train_step(side, model, ids, device):
+    """One optimizer step as each library is used for causal-LM training: PEFT through the model's
+    own ``labels=`` loss (full logits), lorafit through its trainer's loss (`summed_loss`: hidden
+    states and a chunked cross-entropy), both the mean over the same targets."""
+    import torch
+
+    from lorafit.train.evaluation import summed_loss
+    from lorafit.train.losses import causal_lm_targets
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
+    batch = {"input_ids": ids, "labels": ids}
+    targets = causal_lm_targets(ids)
+
+    def loss():
+        if side == "peft":
+            return model(input_ids=ids, labels=ids).loss
+        return summed_loss(model, batch, "causal_lm", device, torch.float32)[0] / targets
+
     def step():
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
+        loss().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
     return step
 
 
-def worker_infer(side, size):
-    """Case 2: base vs unmerged single adapter vs merged; mixed batch of 8 adapters."""
+def worker_infer(side, size, workdir):
+    """Case 2: forward passes of a batch, no grad: the base, the base with one unmerged adapter,
+    with that adapter merged, and a mixed batch where every row has its own adapter (8 adapters
+    on 8 rows), each relative to the base in the same process."""
     import torch
 
     s, device = SIZES[size], _device()
     model = _model(size, device).eval()
-    ids = torch.randint(3, s["vocab"], (s["infer_batch"], s["infer_seq"]),
-                        generator=torch.Generator().manual_seed(0)).to(device)
+    ids = _token_batch(s, s["infer_batch"], s["infer_seq"], device)
     iters = s["infer_iters"]
     run = lambda m, **kw: m(input_ids=ids, **kw)  # noqa: E731
     with torch.inference_mode():
@@ -180,12 +248,13 @@ def worker_infer(side, size):
         wrapped = _wrap(side, model).eval()
         names = ["default"] + [f"a{i}" for i in range(1, 8)]
         for name in names[1:]:
-            _add_adapter(side, wrapped, name)
+            wrapped.add_adapter(name, _lora_config(side))
         _randomise(wrapped)
-        _set_adapter(side, wrapped, "default")
+        wrapped.set_adapter("default")
         run(wrapped)
         unmerged = _timed(lambda: run(wrapped), iters, device)
-        mixed = _timed(lambda: run(wrapped, adapter_names=names[: s["infer_batch"]]), iters, device)
+        rows = [names[i % len(names)] for i in range(s["infer_batch"])]
+        mixed = _timed(lambda: run(wrapped, adapter_names=rows), iters, device)
         if side == "peft":
             wrapped.merge_adapter(["default"])
         else:
@@ -195,23 +264,8 @@ def worker_infer(side, size):
             "mixed8_over_base": mixed / base}
 
 
-def _add_adapter(side, wrapped, name):
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    if side == "peft":
-        import peft
-
-        wrapped.add_adapter(name, peft.LoraConfig(r=16, lora_alpha=32, target_modules=targets))
-    else:
-        import lorafit
-
-        wrapped.add_adapter(name, lorafit.LoraConfig(r=16, lora_alpha=32, target_modules=targets))
-
-
-def _set_adapter(side, wrapped, name):
-    wrapped.set_adapter(name)
-
-
 def _randomise(wrapped):
+    """Non-zero adapters (B starts at zero), the same values on both sides."""
     import torch
 
     g = torch.Generator().manual_seed(0)
@@ -221,15 +275,137 @@ def _randomise(wrapped):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
 
 
-WORKERS = {"train": worker_train, "infer": worker_infer}
+def worker_merge(side, size, workdir):
+    """Case 5: adapter files and merging on the default-size model: saving an adapter to disk,
+    loading it onto a fresh copy of the base, and merge_and_unload of a loaded adapter (medians;
+    copying the base is not timed)."""
+    import copy
+
+    s, device = SIZES[size], _device()
+    base = _model(size, device)
+    wrapped = _wrap(side, copy.deepcopy(base))
+    _randomise(wrapped)
+    with tempfile.TemporaryDirectory() as tmp:
+        dirs = iter(Path(tmp, f"save{i}") for i in range(s["file_iters"]))
+        save = _timed(lambda: _save(side, wrapped, next(dirs)), s["file_iters"], device)
+        adapter = Path(tmp, "save0")
+        load = statistics.median(_time_on_copy(base, lambda m: _load(side, m, adapter), device)
+                                 for _ in range(s["file_iters"]))
+        merge = statistics.median(_time_on_copy(_load(side, copy.deepcopy(base), adapter),
+                                                lambda m: m.merge_and_unload(), device)
+                                  for _ in range(s["file_iters"]))
+    return {"save_s": save, "load_s": load, "merge_s": merge}
+
+
+def _save(side, wrapped, path):
+    if side == "peft":
+        wrapped.save_pretrained(path)
+    else:
+        wrapped.save_adapter(path)
+
+
+def _load(side, base, path):
+    if side == "peft":
+        import peft
+
+        return peft.PeftModel.from_pretrained(base, path)
+    import lorafit
+
+    return lorafit.load(base, path)
+
+
+def _time_on_copy(model, fn, device):
+    """Seconds of ``fn(copy of model)``."""
+    import copy
+
+    fresh = copy.deepcopy(model)
+    _sync(device)
+    t0 = time.perf_counter()
+    fn(fresh)
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def worker_qlora(side, size, workdir):
+    """Case 4: the train step of case 1 on an NF4 base (`lorafit.quant.quantize_model`: the blocks'
+    linear layers in bitsandbytes 4-bit, embeddings and output head in fp32, as `lorafit train`
+    quantises); the frozen base's bytes (`base_memory_bytes`) against the same model in fp32."""
+    from lorafit.quant import base_memory_bytes, quantize_model
+
+    s, device = SIZES[size], _device()
+    memory = PeakMemory(device)
+    model = _model(size, device)
+    fp32_bytes, fp32_linear = base_memory_bytes(model), _linear_bytes(model)
+    quantize_model(model, "nf4")
+    base_bytes_ratio = base_memory_bytes(model) / fp32_bytes
+    linear_bytes_ratio = _linear_bytes(model) / fp32_linear
+    _release_freed_memory()
+    ids = _token_batch(s, s["batch"], s["seq"], device)
+    wrapped = _wrap(side, model).train()
+    step = _train_step(side, wrapped, ids, device)
+    with memory:
+        step()
+        seconds = _timed(step, s["steps"], device)
+    return {"step_s": seconds, "peak_total_mb": memory.above_start_mb,
+            "base_bytes_ratio": base_bytes_ratio, "linear_bytes_ratio": linear_bytes_ratio}
+
+
+def _linear_bytes(model):
+    """`base_memory_bytes` of the blocks' linear layers (plain or quantised) of an unwrapped model."""
+    from lorafit.quant import base_memory_bytes
+
+    return sum(base_memory_bytes(m) for m in model.model.layers.modules()
+               if hasattr(m, "in_features") and not list(m.children()))
+
+
+def _release_freed_memory():
+    """Hand the freed fp32 weights back to the OS (glibc keeps them otherwise), so the NF4
+    model's resident memory is its own."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def worker_sft(side, size, workdir):
+    """Case 3: end-to-end SFT on the rows and model `sft.prepare` wrote (see bench/sft.py); the
+    peak memory covers the whole run."""
+    import sft
+
+    memory = PeakMemory(_device())
+    with memory:
+        facts = sft.run(side, Path(workdir))
+    return {**facts, "peak_total_mb": memory.above_start_mb}
+
+
+@dataclass(frozen=True)
+class Case:
+    worker: Callable[[str, str, Optional[str]], dict]
+    repeats_key: Optional[str] = None  # a SIZES entry that caps --repeats (for long cases)
+
+
+CASES = {
+    "train": Case(worker_train),
+    "infer": Case(worker_infer),
+    "merge": Case(worker_merge),
+    "qlora": Case(worker_qlora),
+    "sft": Case(worker_sft, repeats_key="sft_repeats"),
+}
+SIDES = ("peft", "lorafit")
 
 
 # ---------------------------------------------------------------------------------------------
 # driver side
 
 
-def run_worker(case, side, size) -> dict:
+def run_worker(case, side, size, workdir=None) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", case, "--side", side, "--size", size]
+    if workdir is not None:
+        cmd += ["--workdir", str(workdir)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
     if out.returncode != 0:
@@ -238,34 +414,65 @@ def run_worker(case, side, size) -> dict:
 
 
 def median_dicts(runs: list[dict]) -> dict:
-    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    """Per key: the median of numbers, the value itself when every run agrees (flags, notes)."""
+    out = {}
+    for key in runs[0]:
+        values = [r[key] for r in runs]
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        out[key] = statistics.median(values) if numeric else values[0]
+    return out
+
+
+def measure(case: str, size: str, repeats: int, workdir) -> dict:
+    """Medians per side of `repeats` alternating runs of `case`."""
+    cap = CASES[case].repeats_key
+    repeats = min(repeats, SIZES[size][cap]) if cap else repeats
+    runs = {side: [] for side in SIDES}
+    for i in range(repeats):
+        for side in SIDES if i % 2 == 0 else SIDES[::-1]:
+            runs[side].append(run_worker(case, side, size, workdir))
+    return {"repeats": repeats, **{side: median_dicts(r) for side, r in runs.items()}}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SIZES), default="default")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--cases", default=",".join(WORKERS))
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results JSON; the table goes next to it (.md)")
     parser.add_argument("--no-readme", action="store_true", help="do not rewrite the README table")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--side", help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(WORKERS[args.worker](args.side, args.size)))
+        print(json.dumps(CASES[args.worker].worker(args.side, args.size, args.workdir)))
         return 0
+    cases = [c for c in args.cases.split(",") if c]
+    unknown = [c for c in cases if c not in CASES]
+    if unknown:
+        parser.error(f"unknown case(s) {unknown}; choose from {list(CASES)}")
 
-    results = {"size": args.size, "repeats": args.repeats, "machine": _machine(), "cases": {}}
-    for case in args.cases.split(","):
-        runs = {"peft": [], "lorafit": []}
-        for i in range(args.repeats):
-            order = ("peft", "lorafit") if i % 2 == 0 else ("lorafit", "peft")
-            for side in order:
-                runs[side].append(run_worker(case, side, args.size))
-        results["cases"][case] = {side: median_dicts(r) for side, r in runs.items()}
-        print(f"{case}: {json.dumps(results['cases'][case])}", flush=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    results = {"size": args.size, "repeats": args.repeats, "machine": _machine(), "cases": {}, "skipped": {}}
+    with tempfile.TemporaryDirectory(prefix="lorafit-bench-") as tmp:
+        for case in cases:
+            workdir = None
+            if case == "sft":
+                import sft
+
+                s = SIZES[args.size]
+                workdir = sft.prepare(Path(tmp), s, SIZES[s["sft_model"]])
+                if workdir is None:
+                    results["skipped"][case] = f"{sft.DATA} not found"
+                    print(f"{case}: skipped ({results['skipped'][case]})", flush=True)
+                    continue
+            started = time.perf_counter()
+            results["cases"][case] = measure(case, args.size, args.repeats, workdir)
+            print(f"{case} ({time.perf_counter() - started:.0f} s): {json.dumps(results['cases'][case])}", flush=True)
+    results["rows"] = table_rows(results)
     table = render_table(results)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    args.out.with_suffix(".md").write_text(table + "\n")
     print(table)
     if not args.no_readme:
         update_readme(table)
@@ -276,35 +483,107 @@ def _machine() -> dict:
     import torch
 
     return {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
-            "device": "cuda" if torch.cuda.is_available() else "cpu"}
+            "threads": torch.get_num_threads(),
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "load_avg_1min": os.getloadavg()[0]}
+
+
+# ---------------------------------------------------------------------------------------------
+# the table
+
+
+@dataclass(frozen=True)
+class Target:
+    """A goal on the lorafit column (``of="lorafit"``) or on lorafit / PEFT (``of="ratio"``)."""
+
+    of: str
+    limit: float
+
+    def describe(self) -> str:
+        return f"≤ {self.limit:g} x PEFT" if self.of == "ratio" else f"≤ {self.limit:g}"
+
+
+@dataclass(frozen=True)
+class Row:
+    label: str
+    value: Callable[[dict, str], float]  # (results["cases"], side) -> the figure
+    target: Optional[Target] = None
+
+
+def _get(case, metric):
+    return lambda cases, side: cases[case][side][metric]
 
 
 ROWS = [
-    # (case, metric, label, lower is better)
-    ("train", "step_s", "train step (s)", True),
-    ("train", "tokens_per_s", "train tokens/s", False),
-    ("train", "peak_mem_mb", "train peak memory above model (MB)", True),
-    ("train", "step_over_2fwd", "train step / (2 x base forward)", True),
-    ("infer", "unmerged_over_base", "unmerged single adapter / base forward", True),
-    ("infer", "merged_over_base", "merged adapter / base forward", True),
-    ("infer", "mixed8_over_base", "mixed batch, 8 adapters / base forward", True),
+    Row("train step (s)", _get("train", "step_s"), Target("ratio", 0.85)),
+    Row("train tokens/s", _get("train", "tokens_per_s")),
+    Row("train peak memory above the model (MB)", _get("train", "peak_mem_mb"), Target("ratio", 0.85)),
+    Row("train step / (2 x base forward)", _get("train", "step_over_2fwd"), Target("lorafit", 1.15)),
+    Row("inference: unmerged single adapter / base", _get("infer", "unmerged_over_base"), Target("lorafit", 1.05)),
+    Row("inference: merged adapter / base", _get("infer", "merged_over_base"), Target("lorafit", 1.03)),
+    Row("inference: mixed batch, 8 adapters / base", _get("infer", "mixed8_over_base"), Target("lorafit", 1.15)),
+    Row("SFT end to end: wall time (s)", _get("sft", "wall_s"), Target("ratio", 0.5)),
+    Row("SFT end to end: eval loss", _get("sft", "eval_loss"), Target("ratio", 1.02)),
+    Row("SFT end to end: optimizer steps", _get("sft", "steps")),
+    Row("SFT end to end: peak memory (MB)", _get("sft", "peak_total_mb")),
+    Row("QLoRA nf4: frozen base bytes / fp32", _get("qlora", "base_bytes_ratio"), Target("lorafit", 0.3)),
+    Row("QLoRA nf4: blocks' linear layer bytes / fp32", _get("qlora", "linear_bytes_ratio")),
+    Row("QLoRA nf4: train step (s)", _get("qlora", "step_s")),
+    Row("QLoRA nf4: train step / fp32 train step",
+        lambda c, side: c["qlora"][side]["step_s"] / c["train"][side]["step_s"]),
+    Row("QLoRA nf4: peak memory, model + training (MB)", _get("qlora", "peak_total_mb")),
+    Row("QLoRA nf4: peak memory / fp32 base",
+        lambda c, side: c["qlora"][side]["peak_total_mb"] / c["train"][side]["peak_total_mb"]),
+    Row("adapter save (s)", _get("merge", "save_s")),
+    Row("adapter load (s)", _get("merge", "load_s")),
+    Row("merge_and_unload (s)", _get("merge", "merge_s")),
 ]
 
 
+def _figure(row: Row, cases: dict, side: str) -> Optional[float]:
+    try:
+        return row.value(cases, side)
+    except (KeyError, TypeError, ZeroDivisionError):
+        return None
+
+
+def table_rows(results: dict) -> list[dict]:
+    """Every row with figures: PEFT, lorafit, their ratio, the target and whether it is met."""
+    rows = []
+    for row in ROWS:
+        peft_v, ours = (_figure(row, results["cases"], side) for side in SIDES)
+        if ours is None:
+            continue
+        ratio = ours / peft_v if peft_v else None
+        met = None
+        if row.target is not None:
+            checked = ratio if row.target.of == "ratio" else ours
+            met = checked is not None and checked <= row.target.limit
+        rows.append({"label": row.label, "peft": peft_v, "lorafit": ours, "ratio": ratio,
+                     "target": row.target.describe() if row.target else None, "met": met})
+    return rows
+
+
 def render_table(results: dict) -> str:
-    lines = ["| case | PEFT | lorafit | lorafit / PEFT |", "|---|---:|---:|---:|"]
-    for case, metric, label, _ in ROWS:
-        if case not in results["cases"]:
-            continue
-        peft_v = results["cases"][case]["peft"].get(metric)
-        ours = results["cases"][case]["lorafit"].get(metric)
-        if peft_v is None or ours is None:
-            continue
-        lines.append(f"| {label} | {peft_v:.3g} | {ours:.3g} | {ours / peft_v:.2f} |")
+    def num(v):
+        return "n/a" if v is None else f"{v:.3g}"
+
+    lines = ["| case | PEFT | lorafit | lorafit / PEFT | target | met |", "|---|---:|---:|---:|---|---|"]
+    for r in results["rows"]:
+        met = "" if r["met"] is None else ("yes" if r["met"] else "**no**")
+        ratio = "n/a" if r["ratio"] is None else f"{r['ratio']:.2f}"
+        lines.append(f"| {r['label']} | {num(r['peft'])} | {num(r['lorafit'])} | {ratio} | {r['target'] or ''} | {met} |")
     m = results["machine"]
+    repeats = ", ".join(f"{case} {c['repeats']}" for case, c in results["cases"].items())
     lines.append("")
-    lines.append(f"size `{results['size']}`, median of {results['repeats']} alternating runs; "
-                 f"{m['device']}, {m['cpus']} CPUs, torch {m['torch']}, Python {m['python']}.")
+    lines.append(f"size `{results['size']}`; medians of alternating runs in fresh processes ({repeats}); "
+                 f"{m['device']}, {m['cpus']} CPUs, torch {m['torch']}, Python {m['python']}; "
+                 f"1-min load average at the start {m['load_avg_1min']:.2f}.")
+    if "sft" in results["cases"]:
+        lines.append("SFT: PEFT column = TRL SFTTrainer + PEFT; eval loss from one evaluator for both, on the same "
+                     "tokens (see bench/sft.py).")
+    for case, why in results["skipped"].items():
+        lines.append(f"Case `{case}` skipped: {why}.")
     return "\n".join(lines)
 
 
