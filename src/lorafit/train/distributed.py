@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar
 
@@ -77,6 +78,8 @@ class Group:
     world_size: int = 1
     owns_process_group: bool = False
     """Whether `init` created the process group (and `close` destroys it)."""
+    timeout_s: Optional[float] = None
+    """How long a collective waits for the other ranks (``train.dist_timeout_s``)."""
 
     @property
     def main(self) -> bool:
@@ -96,7 +99,7 @@ class Group:
     def broadcast(self, tensors: Sequence[Tensor]) -> None:
         """Give every rank rank 0's values of `tensors`, in place."""
         if self.active:
-            with self._collective("broadcast"):
+            with self._collective("broadcast"), torch.no_grad():
                 for tensor in tensors:
                     torch.distributed.broadcast(tensor, src=0)
 
@@ -141,12 +144,14 @@ class Group:
         FSDP, say), else None."""
         if not self.active or not isinstance(exc, RuntimeError):
             return None
-        text = str(exc)
+        text = str(exc).strip()
         if not (isinstance(exc, torch.distributed.DistError) or any(s in text for s in _LOST_PEER_SIGNS)):
             return None
+        # "[.../pair.cc:553] Connection closed by peer [addr]:port. This is typically ..." -> its first sentence
+        detail = re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0] if text else "").split(". ")[0][:300]
+        waited = f" = {self.timeout_s:g} s" if self.timeout_s is not None else ""
         return PeerLost(f"rank {self.rank} of {self.world_size} lost contact with the other processes "
-                        f"({text.strip().splitlines()[0][:300]}): one of them died or did not answer "
-                        f"within train.dist_timeout_s")
+                        f"({detail}): one of them died, or did not answer within train.dist_timeout_s{waited}")
 
     @contextlib.contextmanager
     def _collective(self, what: str) -> Iterator[None]:
@@ -196,7 +201,7 @@ def init(cfg: TrainConfig) -> Group:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(seconds=cfg.dist_timeout_s),
                                 device_id=device if device.type == "cuda" else None)
-    return Group(mode, device, dist.get_rank(), dist.get_world_size(), owns)
+    return Group(mode, device, dist.get_rank(), dist.get_world_size(), owns, cfg.dist_timeout_s)
 
 
 def close(group: Group) -> None:

@@ -299,7 +299,7 @@ class Trainer:
                 else "no checkpoint was written before it (see train.save_every)")
 
     def _stopped_by(self, lost: distributed.PeerLost) -> TrainingError:
-        return TrainingError(f"{lost} (step {self.state.step + 1}); {self._kept()}. Continue with "
+        return TrainingError(f"{lost}. It happened in step {self.state.step + 1}; {self._kept()}. Continue with "
                              f"`lorafit train --resume {self.run_dir}` (torchrun --max-restarts does it itself)")
 
     # -- interruption ------------------------------------------------------------------------------

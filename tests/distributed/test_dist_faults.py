@@ -1,0 +1,81 @@
+"""Faults of one process: Ctrl-C saves the step it finishes, a full disk while saving keeps the
+previous checkpoint, an output directory that cannot exist is named. (Tests run as root, which
+permissions do not stop: the write failures below come from the kernel for everyone.)"""
+
+import json
+import resource
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from dist_support import REPO, adapter, lorafit, train_records, wait_for, worker_env, write_config
+from lorafit.errors import TrainingError
+from lorafit.train import resume, run_config, train
+from lorafit.train.checkpoints import list_checkpoints, read_train_state
+
+
+def _start(config):
+    return subprocess.Popen([sys.executable, "-m", "lorafit", "train", str(config)], cwd=REPO, env=worker_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_the_step_in_progress_and_resume_is_bit_exact(tmp_path, dist_config):
+    """With dropout on: the RNG state saved at the interrupt is restored."""
+    sections = {"lora": {"lora_dropout": 0.1}, "train": {"save_every": None, "eval_every": None}}
+    whole = tmp_path / "whole"
+    train(run_config(dist_config(whole, **sections)))
+
+    run = tmp_path / "run"
+    proc = _start(write_config(tmp_path / "c.yaml", dist_config(run, **sections)))
+    wait_for(lambda: (run / "metrics.jsonl").is_file() and len(train_records(run)) >= 3, proc, what="step 3")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    step = len(train_records(run))
+    assert f"lorafit train: stopped by SIGINT after step {step} (checkpoint {run / 'checkpoints' / f'step-{step}'})" in err
+    assert [s for s, _ in list_checkpoints(run)] == [step] and not (run / "adapter").exists()
+
+    resume(run)
+    a, b = adapter(whole), adapter(run)
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_saving_names_the_path_and_keeps_the_previous_checkpoint(tmp_path, dist_config):
+    """The disk fills up mid-run: the run's file-size limit (RLIMIT_FSIZE, binding root too) drops
+    below the size of an adapter file, so the next checkpoint's writes fail (EFBIG) the way they
+    do on a full disk (ENOSPC): a write in the middle of a file."""
+    run = tmp_path / "run"
+    proc = _start(write_config(tmp_path / "c.yaml", dist_config(run, train={"eval_every": None})))
+    wait_for(lambda: (run / "checkpoints" / "step-5").is_dir(), proc, what="the first checkpoint")
+    proc.send_signal(signal.SIGSTOP)
+    resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (8192, 8192))  # an adapter file is ~11 KB
+    proc.send_signal(signal.SIGCONT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    message = err.strip().splitlines()[-1]
+    assert message.startswith("lorafit train: error: cannot write the checkpoint of step ")
+    failed = int(message.split("of step ")[1].split()[0])
+    previous = run / "checkpoints" / f"step-{failed - 5}"
+    assert f"to {run / 'checkpoints' / f'step-{failed}'} (" in message and "File too large" in message
+    assert f"the previous checkpoint {previous} is intact" in message
+    assert list_checkpoints(run)[-1] == (failed - 5, previous)
+    assert read_train_state(previous).step == failed - 5
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+
+    done = lorafit("train", "--resume", run)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((run / "summary.json").read_text())["steps"] == 60
+
+
+def test_an_output_directory_that_cannot_exist_is_named(tmp_path, dist_config):
+    (tmp_path / "plain-file").write_text("not a directory")
+    run = tmp_path / "plain-file" / "run"
+    started = time.monotonic()
+    with pytest.raises(TrainingError, match=f"cannot write {run}: Not a directory"):
+        train(run_config(dist_config(run)))
+    assert time.monotonic() - started < 5  # refused before the model is loaded
