@@ -1,8 +1,9 @@
-"""Faults of one process: Ctrl-C saves the step it finishes, a full disk while saving keeps the
-previous checkpoint, an output directory that cannot exist is named. (Tests run as root, which
-permissions do not stop: the write failures below come from the kernel for everyone.)"""
+"""Faults: Ctrl-C saves the step it finishes; a full disk while rank 0 saves keeps the previous
+checkpoint and stops every process; an output directory that cannot exist is named. (Tests run
+as root, which permissions do not stop: the write failures below come from the kernel for all.)"""
 
 import json
+import os
 import resource
 import signal
 import subprocess
@@ -11,7 +12,8 @@ import time
 
 import pytest
 
-from dist_support import REPO, adapter, lorafit, train_records, wait_for, worker_env, write_config
+from dist_support import (REPO, adapter, finish, lorafit, torchrun, train_records, wait_for, worker_env, worker_pid,
+                          write_config)
 from lorafit.errors import TrainingError
 from lorafit.train import resume, run_config, train
 from lorafit.train.checkpoints import list_checkpoints, read_train_state
@@ -45,19 +47,24 @@ def test_ctrl_c_saves_the_step_in_progress_and_resume_is_bit_exact(tmp_path, dis
 
 
 @pytest.mark.slow
-def test_a_full_disk_while_saving_names_the_path_and_keeps_the_previous_checkpoint(tmp_path, dist_config):
-    """The disk fills up mid-run: the run's file-size limit (RLIMIT_FSIZE, binding root too) drops
-    below the size of an adapter file, so the next checkpoint's writes fail (EFBIG) the way they
-    do on a full disk (ENOSPC): a write in the middle of a file."""
+def test_a_full_disk_while_rank_0_saves_names_the_path_keeps_the_previous_checkpoint_and_stops_all(
+        tmp_path, dist_config):
+    """The disk fills up mid-run: rank 0's file-size limit (RLIMIT_FSIZE, binding root too) drops
+    below the size of an adapter file, so its next checkpoint's writes fail (EFBIG) the way they
+    do on a full disk (ENOSPC): a write in the middle of a file. Rank 1, waiting for the
+    checkpoint, learns of the failure and exits instead of hanging."""
     run = tmp_path / "run"
-    proc = _start(write_config(tmp_path / "c.yaml", dist_config(run, train={"eval_every": None})))
+    proc = torchrun("train", write_config(tmp_path / "c.yaml", dist_config(run, train={"eval_every": None})))
     wait_for(lambda: (run / "checkpoints" / "step-5").is_dir(), proc, what="the first checkpoint")
-    proc.send_signal(signal.SIGSTOP)
-    resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (8192, 8192))  # an adapter file is ~11 KB
-    proc.send_signal(signal.SIGCONT)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 1
-    message = err.strip().splitlines()[-1]
+    rank0 = worker_pid(proc.pid, 0)
+    os.kill(rank0, signal.SIGSTOP)
+    resource.prlimit(rank0, resource.RLIMIT_FSIZE, (8192, 8192))  # an adapter file is ~11 KB
+    os.kill(rank0, signal.SIGCONT)
+    code, out = finish(proc, timeout=60)
+    assert code != 0
+    errors = [line for line in out.splitlines() if line.startswith("lorafit train: error: ")]
+    assert len(errors) == 1, out[-4000:]  # rank 0's; rank 1 stops quietly
+    message = errors[0]
     assert message.startswith("lorafit train: error: cannot write the checkpoint of step ")
     failed = int(message.split("of step ")[1].split()[0])
     previous = run / "checkpoints" / f"step-{failed - 5}"

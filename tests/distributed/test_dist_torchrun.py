@@ -16,8 +16,8 @@ from lorafit.train.checkpoints import list_checkpoints, read_train_state
 pytestmark = pytest.mark.slow
 
 
-def _steps_logged_once(run):
-    assert [r["step"] for r in train_records(run)] == list(range(1, STEPS + 1))
+def _steps_logged_once(run, steps=STEPS):
+    assert [r["step"] for r in train_records(run)] == list(range(1, steps + 1))
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
@@ -64,8 +64,10 @@ def test_sigterm_saves_the_step_in_progress_and_resume_ends_as_one_uninterrupted
 
 
 def test_a_killed_worker_stops_the_job_within_seconds_and_the_run_resumes_on_one_process(tmp_path, dist_config):
+    """15 epochs: 4 steps each on 2 processes, 7 on one; the resumed run ends with epoch 15."""
     run = tmp_path / "run"
-    proc = torchrun("train", write_config(tmp_path / "c.yaml", dist_config(run)))
+    proc = torchrun("train", write_config(tmp_path / "c.yaml", dist_config(run, train={"max_steps": None,
+                                                                                      "epochs": 15})))
     wait_for(lambda: (run / "checkpoints" / "step-10").is_dir(), proc, what="checkpoint 10")
     kill_worker(proc.pid, rank=1)
     killed = time.monotonic()
@@ -77,8 +79,8 @@ def test_a_killed_worker_stops_the_job_within_seconds_and_the_run_resumes_on_one
     done = lorafit("train", "--resume", run)  # one process now: the position moves to the new world
     assert done.returncode == 0, done.stderr[-4000:]
     summary = json.loads((run / "summary.json").read_text())
-    assert (summary["steps"], summary["processes"], summary["global_batch"]) == (STEPS, 1, 4)
-    _steps_logged_once(run)
+    assert (summary["epochs"], summary["processes"], summary["global_batch"]) == (15, 1, 4)
+    _steps_logged_once(run, summary["steps"])
 
 
 def test_a_hung_worker_stops_the_job_after_the_collective_timeout(tmp_path, dist_config):

@@ -20,7 +20,7 @@ of an epoch) simply skip it.
 
 ``fsdp`` shards every frozen base weight with FSDP2 ``fully_shard``: one unit per block named in
 the model's ``_no_split_modules`` and the backbone as the root, so a process holds 1/N of the
-base plus one block at a time. The trainable parameters are left out (``ignored_params``): they
+base (the output head stays whole) plus one block at a time. The trainable parameters are left out (``ignored_params``): they
 stay whole on every rank and are summed as under ``ddp``. So the adapter and its optimizer state
 are complete on every rank by construction: rank 0 saves them as a single process does (no
 gather, no empty adapter) and a checkpoint resumes with any number of processes. The one sharded
@@ -255,12 +255,11 @@ def shard(model: nn.Module, group: Group) -> None:
 
     hf = model.model
     backbone = getattr(hf, "base_model", hf)
-    inside = set(backbone.parameters())
-    outside = {p for p in hf.parameters() if p not in inside}
-    shared = {p for name, p in hf.named_parameters(remove_duplicate=False)
-              if p in inside and not name.startswith(f"{hf.base_model_prefix}.")} \
-        if backbone is not hf else set()
-    kept = {p for p in hf.parameters() if p.requires_grad} | outside | shared
+    prefix = f"{hf.base_model_prefix}." if backbone is not hf else ""
+    # Used outside the units' forwards, so never sharded: trainable parameters (summed by
+    # `sync_gradients`) and any parameter reachable by a name outside the backbone.
+    kept = {p for name, p in hf.named_parameters(remove_duplicate=False)
+            if p.requires_grad or not name.startswith(prefix)}
     mesh = init_device_mesh(group.device.type, (group.world_size,))
     blocks = set(getattr(hf, "_no_split_modules", None) or ())
     for module in list(backbone.modules()):
@@ -294,17 +293,17 @@ def whole_base_weights(model: nn.Module, group: Group) -> Iterator[None]:
     from torch.distributed.tensor import DTensor
 
     swapped = []
-    with group._collective("all-gather"):
-        for _, layer in model.lora_layers():
-            base = layer.base_layer
-            weight = base._parameters.get("weight")
-            if isinstance(weight, DTensor):
-                whole = weight.full_tensor()
-                if group.main:
-                    swapped.append((base, weight))
-                    base.register_parameter("weight", nn.Parameter(whole.cpu(), requires_grad=False))
-                del whole
     try:
+        with group._collective("all-gather"):
+            for _, layer in model.lora_layers():
+                base = layer.base_layer
+                weight = base._parameters.get("weight")
+                if isinstance(weight, DTensor):
+                    whole = weight.full_tensor()
+                    if group.main:
+                        swapped.append((base, weight))
+                        base.register_parameter("weight", nn.Parameter(whole.cpu(), requires_grad=False))
+                    del whole
         yield
     finally:
         for base, weight in swapped:

@@ -78,7 +78,7 @@ def resume(run_dir: Path | str) -> dict[str, Any]:
 
 
 def _saved_config(run_dir: Path) -> RunConfig:
-    """The config a run directory holds, writing to that directory."""
+    """The config a run directory holds, with ``output.dir`` set to that directory."""
     if not (run_dir / CONFIG_FILE).is_file():
         raise ConfigError(f"{run_dir}: not a run directory (no {CONFIG_FILE})")
     cfg = load_run_config(run_dir / CONFIG_FILE)
