@@ -7,10 +7,10 @@ import json
 
 import pytest
 
+from dist_support import STEPS
 from lorafit.testing import DEFAULT_TEXTS, tiny_causal_lm_dir
 
 TRAIN_EXAMPLES = 25  # 2 ranks x batch 2: 6 full global batches, then one example (rank 1: empty)
-STEPS = 60
 
 
 @pytest.fixture(scope="session")

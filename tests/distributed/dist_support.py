@@ -9,9 +9,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
+STEPS = 60  # of the runs the tests compare
+# Finding a worker (and lowering its limits) goes through Linux's /proc and prlimit.
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs /proc and prlimit")
 
 
 def write_config(path, data):

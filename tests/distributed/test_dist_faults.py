@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from dist_support import (REPO, adapter, finish, lorafit, torchrun, train_records, wait_for, worker_env, worker_pid,
-                          write_config)
+from dist_support import (REPO, adapter, finish, linux_only, lorafit, torchrun, train_records, wait_for, worker_env,
+                          worker_pid, write_config)
 from lorafit.errors import TrainingError
 from lorafit.train import resume, run_config, train
 from lorafit.train.checkpoints import list_checkpoints, read_train_state
@@ -47,6 +47,7 @@ def test_ctrl_c_saves_the_step_in_progress_and_resume_is_bit_exact(tmp_path, dis
 
 
 @pytest.mark.slow
+@linux_only
 def test_a_full_disk_while_rank_0_saves_names_the_path_keeps_the_previous_checkpoint_and_stops_all(
         tmp_path, dist_config):
     """The disk fills up mid-run: rank 0's file-size limit (RLIMIT_FSIZE, binding root too) drops

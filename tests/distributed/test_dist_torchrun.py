@@ -7,9 +7,8 @@ import signal
 import time
 
 import pytest
-from conftest import STEPS
-from dist_support import (assert_same_adapter, finish, kill_worker, lorafit, running, torchrun, train_records,
-                          wait_for, worker_pid, write_config)
+from dist_support import (STEPS, assert_same_adapter, finish, kill_worker, linux_only, lorafit, running, torchrun,
+                          train_records, wait_for, worker_pid, write_config)
 
 from lorafit.train.checkpoints import list_checkpoints, read_train_state
 
@@ -63,6 +62,7 @@ def test_sigterm_saves_the_step_in_progress_and_resume_ends_as_one_uninterrupted
     _steps_logged_once(run)
 
 
+@linux_only
 def test_a_killed_worker_stops_the_job_within_seconds_and_the_run_resumes_on_one_process(tmp_path, dist_config):
     """15 epochs: 4 steps each on 2 processes, 7 on one; the resumed run ends with epoch 15."""
     run = tmp_path / "run"
@@ -83,6 +83,7 @@ def test_a_killed_worker_stops_the_job_within_seconds_and_the_run_resumes_on_one
     _steps_logged_once(run, summary["steps"])
 
 
+@linux_only
 def test_a_hung_worker_stops_the_job_after_the_collective_timeout(tmp_path, dist_config):
     run = tmp_path / "run"
     proc = torchrun("train", write_config(tmp_path / "c.yaml", dist_config(run, train={"dist_timeout_s": 3})))
@@ -99,6 +100,7 @@ def test_a_hung_worker_stops_the_job_after_the_collective_timeout(tmp_path, dist
     assert "one of them died, or did not answer within train.dist_timeout_s = 3 s" in out
 
 
+@linux_only
 def test_torchrun_restarts_resume_from_the_last_checkpoint_by_themselves(tmp_path, dist_config, reference_run):
     run = tmp_path / "run"
     proc = torchrun("train", write_config(tmp_path / "c.yaml", dist_config(run)), max_restarts=1)
