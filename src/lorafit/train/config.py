@@ -111,14 +111,14 @@ class TrainConfig:
     log_every: int = 1
     """Write a metrics.jsonl line every N steps (loss averaged over those steps)."""
     distributed: Literal["auto", "none", "ddp", "fsdp"] = "auto"
-    """Data parallelism when launched by torchrun with more than one process. ``ddp``: every
-    process holds the whole model; ``fsdp``: the frozen base is sharded across the processes
-    (FSDP2) so a larger model fits; ``auto``: ``ddp``. ``none`` refuses a multi-process launch.
-    In both modes only the adapter is trained, replicated and summed across processes after
-    each step (`lorafit.train.distributed`). Without torchrun every value trains one process."""
+    """How the processes torchrun starts share a run: ``ddp`` (each holds the whole model),
+    ``fsdp`` (the frozen base is sharded across them, so a larger model fits), ``auto`` (``ddp``)
+    or ``none`` (more than one process is refused). Either way only the adapter trains, whole on
+    every process, its gradients summed after each step (`lorafit.train.distributed`). Without
+    torchrun every value trains one process."""
     dist_timeout_s: float = 60.0
-    """Seconds a process waits in a collective for the others before the run fails: a process
-    that died or hangs stops the job after at most this long."""
+    """Seconds a process waits for the others in a collective before the run fails (a dead or
+    hung process stops the job within this time)."""
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "grad_accum", "keep_last", "log_every"):
