@@ -23,17 +23,18 @@ def write_config(path, data):
     return path
 
 
-def worker_env(**extra):
+def worker_env():
+    """Offline, one thread per process (the tests share two cores), unbuffered output."""
     return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
-            "PYTHONUNBUFFERED": "1", **extra}
+            "PYTHONUNBUFFERED": "1"}
 
 
-def torchrun(*args, nproc=2, max_restarts=0, **popen):
+def torchrun(*args, nproc=2, max_restarts=0):
     """Start ``torchrun --standalone --nproc_per_node NPROC -m lorafit ARGS`` (a Popen)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                f"--max-restarts={max_restarts}", "--monitor-interval=0.1", "-m", "lorafit", *map(str, args)]
     return subprocess.Popen(command, cwd=REPO, env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, **popen)
+                            text=True)
 
 
 def lorafit(*args, timeout=240):
