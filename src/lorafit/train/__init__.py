@@ -10,7 +10,7 @@ A run directory holds ``config.yaml`` (the resolved config), ``metrics.jsonl``, 
 
 from .config import ModelConfig, OutputConfig, RunConfig, TrainConfig, load_run_config, run_config
 from .evaluation import evaluate, evaluate_config
-from .trainer import resume, train
+from .trainer import TrainingInterrupted, resume, train
 
 __all__ = ["ModelConfig", "OutputConfig", "RunConfig", "TrainConfig", "load_run_config", "run_config",
-           "evaluate", "evaluate_config", "resume", "train"]
+           "evaluate", "evaluate_config", "resume", "train", "TrainingInterrupted"]
