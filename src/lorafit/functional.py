@@ -118,9 +118,36 @@ def fused_lora_linear(x: Tensor, weight: Tensor, bias, A: Tensor, B: Tensor, sca
                       p: float = 0.0, w_in_out: bool = False) -> Tensor:
     """A frozen linear layer plus one LoRA adapter, for x [..., in] -> [..., out] (see
     `_FusedLoraLinear`). `p` is the adapter's dropout probability (0 outside training)."""
-    lead = x.shape[:-1]
-    y = _FusedLoraLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias, A, B, scaling, p, w_in_out)
-    return y.view(*lead, y.shape[-1])
+    return _on_rows(_FusedLoraLinear.apply, x, weight, bias, A, B, scaling, p, w_in_out)
+
+
+class _FrozenLinear(torch.autograd.Function):
+    """``y = x Wᵀ + b`` with a frozen W through `mm_t` (the bias may train): the base layer alone.
+    Shapes as in `_FusedLoraLinear`."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, w_in_out):
+        ctx.save_for_backward(weight)
+        ctx.w_in_out = w_in_out
+        return mm_t(x, weight.T if w_in_out else weight, bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        (weight,) = ctx.saved_tensors
+        need_x, _, need_b = ctx.needs_input_grad[:3]
+        grad_x = mm_t(g, weight if ctx.w_in_out else weight.T) if need_x else None
+        return grad_x, None, g.sum(0) if need_b else None, None
+
+
+def frozen_linear(x: Tensor, weight: Tensor, bias=None, w_in_out: bool = False) -> Tensor:
+    """``x Wᵀ + b`` for x [..., in] -> [..., out] with a frozen W (see `_FrozenLinear`)."""
+    return _on_rows(_FrozenLinear.apply, x, weight, bias, w_in_out)
+
+
+def _on_rows(fn, x: Tensor, *args) -> Tensor:
+    """``fn(x as rows [N, in], *args)`` -> [N, out], viewed back as [..., out]."""
+    y = fn(x.reshape(-1, x.shape[-1]), *args)
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import AdapterError, ConfigError, MergeError
-from .functional import delta_weight, fused_lora_linear, lora_linear_delta, merge_into
+from .functional import delta_weight, frozen_linear, fused_lora_linear, lora_linear_delta, merge_into
 
 
 class LoraWeights(nn.Module):
@@ -180,12 +180,16 @@ class LoraLayer(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------
 
+    def base_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        """The frozen base layer's output (a kind may compute it with its own kernel)."""
+        return self.base_layer(x, *args, **kwargs)
+
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         if self.disabled:
-            return self.base_layer(x, *args, **kwargs)
+            return self.base_forward(x, *args, **kwargs)
         if self.rows is not None:
             return self._forward_rows(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
+        result = self.base_forward(x, *args, **kwargs)
         for name in self.active:
             if name in self.lora and name not in self.merged:
                 result = self.lora[name].apply(self, x, result)
@@ -200,7 +204,7 @@ class LoraLayer(nn.Module):
         rows = self.rows
         if x.shape[0] != len(rows.names):
             raise AdapterError(f"adapter_names has {len(rows.names)} entries but the batch has {x.shape[0]} rows")
-        result = self.base_layer(x, *args, **kwargs)
+        result = self.base_forward(x, *args, **kwargs)
         _, groups = rows.indices(x.device)
         for name, idx in groups:
             if name in self.lora:
@@ -245,6 +249,23 @@ class LoraLinear(LoraLayer):
         p = w.dropout.p if self.training and isinstance(w.dropout, nn.Dropout) else 0.0
         return fused_lora_linear(x, base.weight, base.bias, w.A, w.B, w.scaling, p, self.fan_in_fan_out)
 
+    def base_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        """A plain frozen base runs through `frozen_linear`, the kernel call of the fused path, so
+        merged, disabled and mixed-batch forwards are as fast as the single-adapter one."""
+        base = self._plain_base()
+        if (base is None or args or kwargs or x.dtype != base.weight.dtype
+                or torch.is_autocast_enabled(x.device.type)):
+            return super().base_forward(x, *args, **kwargs)
+        return frozen_linear(x, base.weight, base.bias, self.fan_in_fan_out)
+
+    def _plain_base(self) -> Optional[nn.Module]:
+        """The base layer if it is a frozen `nn.Linear` or `Conv1D` (lorafit's kernels apply), else
+        None (quantised or trainable base weights)."""
+        base = self.base_layer
+        if not (type(base) is nn.Linear or _is_hf_conv1d(base)) or base.weight.requires_grad:
+            return None
+        return base
+
     def _fusable(self) -> Optional[LoraWeights]:
         """The single plain adapter to run through the fused kernel, or None when the general
         path is needed (mixed rows, several or merged adapters, variants, quantised or trainable
@@ -252,8 +273,7 @@ class LoraLinear(LoraLayer):
         if self.disabled or self.rows is not None or len(self.active) != 1 or self.merged:
             return None
         w = self.lora[self.active[0]] if self.active[0] in self.lora else None
-        base = self.base_layer
-        if type(w) is not LoraWeights or not (type(base) is nn.Linear or _is_hf_conv1d(base)) or base.weight.requires_grad:
+        if type(w) is not LoraWeights or self._plain_base() is None:
             return None
         return w
 
@@ -263,7 +283,7 @@ class LoraLinear(LoraLayer):
             self.training and any(not isinstance(w.dropout, nn.Identity) for w in weights))
         if not gatherable or self.merged or x.shape[0] != len(self.rows.names):
             return super()._forward_rows(x, *args, **kwargs)
-        return self.base_layer(x, *args, **kwargs) + self._gathered_delta(x)
+        return self.base_forward(x, *args, **kwargs) + self._gathered_delta(x)
 
     def _gathered_delta(self, x: Tensor) -> Tensor:
         """``s_i · B_i A_i x_i`` for every row i at once: the adapters' factors are zero-padded

@@ -1,5 +1,5 @@
-"""The kernel call behind lorafit's fast paths (`mm_t`): same results as the plain PyTorch ops up
-to fp32 summation order, and the oneDNN path present where it should be."""
+"""The kernel calls behind lorafit's fast paths (`mm_t`, `frozen_linear`): same results as the
+plain PyTorch ops up to fp32 summation order, and the oneDNN path present where it should be."""
 
 import platform
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lorafit import functional
-from lorafit.functional import mm_t
+from lorafit.functional import frozen_linear, mm_t
 
 
 def _reference(x, w, b):
@@ -39,3 +39,18 @@ def test_mm_t_leaves_other_dtypes_and_layouts_to_torch():
                     reason="oneDNN's linear is used on x86-64 builds with oneDNN only")
 def test_the_onednn_linear_is_found_on_x86():
     assert functional._ONEDNN_LINEAR is not None
+
+
+@pytest.mark.parametrize("w_in_out", [False, True])
+def test_frozen_linear_gradients_match_f_linear(w_in_out):
+    weight = torch.randn(6, 5) if w_in_out else torch.randn(5, 6)  # [in, out] when w_in_out
+    bias = torch.randn(5, requires_grad=True)
+    x = torch.randn(2, 3, 6, requires_grad=True)
+    y = frozen_linear(x, weight, bias, w_in_out)
+    want = torch.nn.functional.linear(x, weight.T if w_in_out else weight, bias)
+    torch.testing.assert_close(y, want)
+    g = torch.randn_like(y)
+    got_x, got_b = torch.autograd.grad(y, (x, bias), g)
+    want_x, want_b = torch.autograd.grad(want, (x, bias), g)
+    torch.testing.assert_close(got_x, want_x)
+    torch.testing.assert_close(got_b, want_b)
