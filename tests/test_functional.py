@@ -37,3 +37,12 @@ def test_linear_cross_entropy_trainable_head_falls_back_to_full_logits():
     loss = linear_cross_entropy(hidden, weight, None, targets)
     (grad,) = torch.autograd.grad(loss, weight)
     assert grad.shape == weight.shape and grad.abs().sum() > 0
+
+
+def test_linear_cross_entropy_without_grad_gives_the_same_value():
+    hidden, weight = torch.randn(9, 8), torch.randn(13, 8)
+    targets = torch.randint(0, 13, (9,))
+    with torch.no_grad():
+        got = linear_cross_entropy(hidden, weight, None, targets, chunk=4)
+    want = F.cross_entropy(hidden @ weight.T, targets, reduction="sum")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -150,6 +150,19 @@ def _on_rows(fn, x: Tensor, *args) -> Tensor:
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
+def _chunk_cross_entropy(h: Tensor, weight: Tensor, bias, t: Tensor, want_grad: bool):
+    """Summed CE of one chunk of rows, and (if `want_grad`) dL/dh for it: ``(softmax − onehot) W``."""
+    logits = mm_t(h, weight, bias).float()  # (c, V)
+    lse = torch.logsumexp(logits, dim=-1)
+    rows = torch.arange(h.shape[0], device=h.device)
+    loss = (lse - logits[rows, t]).sum()
+    if not want_grad:
+        return loss, None
+    probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+    probs[rows, t] -= 1.0
+    return loss, mm_t(probs.to(weight.dtype), weight.T).to(h.dtype)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of ``logits = h Wᵀ + b`` against targets, never holding more than one
     chunk of logits. W (the frozen output head) gets no gradient, so dL/dh is computed during
@@ -165,17 +178,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, chunk):
         grad_hidden = torch.empty_like(hidden)
         total = hidden.new_zeros((), dtype=torch.float32)
-        rows = torch.arange(min(chunk, hidden.shape[0]), device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
-            h = hidden[start:start + chunk]
-            t = targets[start:start + chunk]
-            logits = mm_t(h, weight, bias).float()  # (c, V)
-            lse = torch.logsumexp(logits, dim=-1)
-            idx = rows[: h.shape[0]]
-            total += (lse - logits[idx, t]).sum()
-            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-            probs[idx, t] -= 1.0
-            grad_hidden[start:start + chunk] = mm_t(probs.to(weight.dtype), weight.T).to(hidden.dtype)
+            loss, grad = _chunk_cross_entropy(hidden[start:start + chunk], weight, bias,
+                                              targets[start:start + chunk], want_grad=True)
+            total += loss
+            grad_hidden[start:start + chunk] = grad
         ctx.save_for_backward(grad_hidden)
         return total
 
@@ -196,4 +203,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, bias, targets: Tensor, 
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         logits = hidden @ weight.T if bias is None else torch.addmm(bias, hidden, weight.T)
         return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+    if not (torch.is_grad_enabled() and hidden.requires_grad):
+        return sum((_chunk_cross_entropy(hidden[i:i + chunk], weight, bias, targets[i:i + chunk], False)[0]
+                    for i in range(0, hidden.shape[0], chunk)), hidden.new_zeros((), dtype=torch.float32))
     return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk)
