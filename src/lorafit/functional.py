@@ -7,10 +7,15 @@ Shapes follow PEFT: A [r, in] (or [r, in/groups, *kernel] for convolutions), B [
 from __future__ import annotations
 
 import platform
-from typing import Optional
+from typing import Callable, Optional, Union
 
 import torch
 from torch import Tensor
+
+# A frozen weight handed to lorafit's kernels: the tensor, or a function that makes it in fp32
+# (a quantised base dequantises in the forward and again in the backward, so no full-precision
+# copy stays alive in between).
+WeightSource = Union[Tensor, Callable[[], Tensor]]
 
 
 def _onednn_linear():
@@ -74,32 +79,35 @@ class _FusedLoraLinear(torch.autograd.Function):
     consumers), the rank-r activation h and, with dropout, a 1-byte mask instead of a copy of
     the dropped-out input; the adapter's output is accumulated into the base output in place
     (``addmm_``), and in backward the two input-gradient paths share one buffer.
-    Shapes: x [N, in], W [out, in] (or [in, out] when `w_in_out`, HF Conv1D), A [r, in], B [out, r].
+    Shapes: x [N, in], W [out, in] (or [in, out] when `w_in_out`, HF Conv1D), A [r, in], B [out, r];
+    `weight` is a `WeightSource`.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, scaling, p, w_in_out):
+        W = _remember(ctx, weight)
         keep = None
         xd = x
         if p > 0:
             keep = torch.rand_like(x) >= p
             xd = x * keep * (1.0 / (1.0 - p))
         h = mm_t(xd, A).mul_(scaling)  # (N, r), already scaled
-        y = mm_t(x, weight.T if w_in_out else weight, bias)
+        y = mm_t(x, W.T if w_in_out else W, bias)
         y.addmm_(h, B.T)
-        ctx.save_for_backward(x, keep, h, weight, A, B)
+        ctx.save_for_backward(x, keep, h, A, B, None if ctx.remake else W)
         ctx.scaling, ctx.p, ctx.w_in_out, ctx.has_bias = scaling, p, w_in_out, bias is not None
         return y
 
     @staticmethod
     def backward(ctx, g):
-        x, keep, h, weight, A, B = ctx.saved_tensors
+        x, keep, h, A, B, W = ctx.saved_tensors
         s, p = ctx.scaling, ctx.p
         need_x, _, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
         g_h = mm_t(g, B.T).mul_(s)  # (N, r): dL/d(x_d Aᵀ)
         grad_x = grad_bias = grad_a = grad_bb = None
         if need_x:
-            grad_x = mm_t(g, weight if ctx.w_in_out else weight.T)
+            W = W if W is not None else ctx.remake()
+            grad_x = mm_t(g, W if ctx.w_in_out else W.T)
             lora_in = mm_t(g_h, A.T)
             if keep is not None:
                 lora_in = lora_in * keep * (1.0 / (1.0 - p))
@@ -114,7 +122,7 @@ class _FusedLoraLinear(torch.autograd.Function):
         return grad_x, None, grad_bias, grad_a, grad_bb, None, None, None
 
 
-def fused_lora_linear(x: Tensor, weight: Tensor, bias, A: Tensor, B: Tensor, scaling: float,
+def fused_lora_linear(x: Tensor, weight: WeightSource, bias, A: Tensor, B: Tensor, scaling: float,
                       p: float = 0.0, w_in_out: bool = False) -> Tensor:
     """A frozen linear layer plus one LoRA adapter, for x [..., in] -> [..., out] (see
     `_FusedLoraLinear`). `p` is the adapter's dropout probability (0 outside training)."""
@@ -127,19 +135,29 @@ class _FrozenLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, w_in_out):
-        ctx.save_for_backward(weight)
+        W = _remember(ctx, weight)
+        ctx.save_for_backward(None if ctx.remake else W)
         ctx.w_in_out = w_in_out
-        return mm_t(x, weight.T if w_in_out else weight, bias)
+        return mm_t(x, W.T if w_in_out else W, bias)
 
     @staticmethod
     def backward(ctx, g):
-        (weight,) = ctx.saved_tensors
         need_x, _, need_b = ctx.needs_input_grad[:3]
-        grad_x = mm_t(g, weight if ctx.w_in_out else weight.T) if need_x else None
+        grad_x = None
+        if need_x:
+            (W,) = ctx.saved_tensors
+            W = W if W is not None else ctx.remake()
+            grad_x = mm_t(g, W if ctx.w_in_out else W.T)
         return grad_x, None, g.sum(0) if need_b else None, None
 
 
-def frozen_linear(x: Tensor, weight: Tensor, bias=None, w_in_out: bool = False) -> Tensor:
+def _remember(ctx, weight: WeightSource) -> Tensor:
+    """The weight tensor now; a function that made it is kept as ``ctx.remake`` for the backward."""
+    ctx.remake = weight if callable(weight) else None
+    return weight() if ctx.remake else weight
+
+
+def frozen_linear(x: Tensor, weight: WeightSource, bias=None, w_in_out: bool = False) -> Tensor:
     """``x Wᵀ + b`` for x [..., in] -> [..., out] with a frozen W (see `_FrozenLinear`)."""
     return _on_rows(_FrozenLinear.apply, x, weight, bias, w_in_out)
 

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import AdapterError, ConfigError, MergeError
-from .functional import delta_weight, frozen_linear, fused_lora_linear, lora_linear_delta, merge_into
+from .functional import (WeightSource, delta_weight, frozen_linear, fused_lora_linear, lora_linear_delta,
+                         merge_into)
 
 
 class LoraWeights(nn.Module):
@@ -245,26 +246,29 @@ class LoraLinear(LoraLayer):
         w = self._fusable()
         if w is None or x.dtype != w.A.dtype:
             return super().forward(x, *args, **kwargs)
-        base = self.base_layer
         p = w.dropout.p if self.training and isinstance(w.dropout, nn.Dropout) else 0.0
-        return fused_lora_linear(x, base.weight, base.bias, w.A, w.B, w.scaling, p, self.fan_in_fan_out)
+        return fused_lora_linear(x, self.kernel_weight(), self.base_layer.bias, w.A, w.B, w.scaling, p,
+                                 self.fan_in_fan_out)
 
     def base_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        """A plain frozen base runs through `frozen_linear`, the kernel call of the fused path, so
-        merged, disabled and mixed-batch forwards are as fast as the single-adapter one."""
-        base = self._plain_base()
-        if (base is None or args or kwargs or x.dtype != base.weight.dtype
+        """A base with a `kernel_weight` runs through `frozen_linear`, the kernel call of the fused
+        path, so merged, disabled and mixed-batch forwards are as fast as the single-adapter one."""
+        weight = self.kernel_weight()
+        dtype = weight.dtype if isinstance(weight, Tensor) else torch.float32  # a function makes fp32
+        if (weight is None or args or kwargs or x.dtype != dtype
                 or torch.is_autocast_enabled(x.device.type)):
             return super().base_forward(x, *args, **kwargs)
-        return frozen_linear(x, base.weight, base.bias, self.fan_in_fan_out)
+        return frozen_linear(x, weight, self.base_layer.bias, self.fan_in_fan_out)
 
-    def _plain_base(self) -> Optional[nn.Module]:
-        """The base layer if it is a frozen `nn.Linear` or `Conv1D` (lorafit's kernels apply), else
-        None (quantised or trainable base weights)."""
+    def kernel_weight(self) -> Optional[WeightSource]:
+        """The frozen base weight for lorafit's kernels, laid out as stored ([out, in], or [in, out]
+        with `fan_in_fan_out`): a plain `nn.Linear` / `Conv1D` base's weight, or None when the
+        base layer has to run itself (a trainable weight, other module types). Quantised kinds
+        may return a function that dequantises it."""
         base = self.base_layer
         if not (type(base) is nn.Linear or _is_hf_conv1d(base)) or base.weight.requires_grad:
             return None
-        return base
+        return base.weight
 
     def _fusable(self) -> Optional[LoraWeights]:
         """The single plain adapter to run through the fused kernel, or None when the general
@@ -273,7 +277,7 @@ class LoraLinear(LoraLayer):
         if self.disabled or self.rows is not None or len(self.active) != 1 or self.merged:
             return None
         w = self.lora[self.active[0]] if self.active[0] in self.lora else None
-        if type(w) is not LoraWeights or self._plain_base() is None:
+        if type(w) is not LoraWeights or self.kernel_weight() is None:
             return None
         return w
 

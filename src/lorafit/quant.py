@@ -29,9 +29,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import sys
 import warnings
-from typing import Any, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -192,6 +193,16 @@ class QuantLoraLinear(LoraLinear):
 
     def weight_view(self) -> Tensor:
         return self._scratch if self._scratch is not None else dequantize_weight(self.base_layer)
+
+    def kernel_weight(self) -> Optional[Callable[[], Tensor]]:
+        """While training, a 4-bit base computing in fp32 runs through lorafit's kernels with
+        ``dequant(W_q)``, made in the forward and again in the backward: what bitsandbytes computes
+        too, with the fused adapter node's memory savings. Inference keeps bitsandbytes' own
+        kernels (single-token gemv); int8 bases quantise the input too, so they always run themselves."""
+        base = self.base_layer
+        if not (torch.is_grad_enabled() and _is_4bit(base) and base.compute_dtype in (None, torch.float32)):
+            return None
+        return functools.partial(dequantize_weight, base)
 
     def merge(self, names: Sequence[str], safe: bool = False) -> None:
         """Merge into ``dequant(W_q)`` in fp32, then re-quantise.
