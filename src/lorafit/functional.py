@@ -26,6 +26,9 @@ def _onednn_linear():
 
 
 _ONEDNN_LINEAR = _onednn_linear()
+# Below about this many multiply-adds, oneDNN's call overhead (~12 µs against MKL's ~4 µs) costs
+# more than its faster kernel saves.
+_ONEDNN_MIN_MACS = 1 << 21
 
 
 def mm_t(x: Tensor, w: Tensor, bias: Optional[Tensor] = None) -> Tensor:
@@ -35,10 +38,11 @@ def mm_t(x: Tensor, w: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     Contiguous fp32 CPU inputs go through oneDNN's linear kernel: PyTorch's fp32 ``mm`` calls MKL,
     which runs its AVX2 code on non-Intel CPUs, where oneDNN uses AVX-512 (2.2x faster for the
     shapes of a LoRA layer on AMD Zen 5). Both accumulate in fp32; only the summation order
-    differs. Everything else goes to ``addmm`` / ``mm``.
+    differs. Tiny products (`_ONEDNN_MIN_MACS`) and everything else go to ``addmm`` / ``mm``.
     """
     if (_ONEDNN_LINEAR is not None and x.device.type == "cpu" and x.dim() == 2 and x.is_contiguous()
-            and x.dtype == w.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32)):
+            and x.dtype == w.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32)
+            and x.shape[0] * x.shape[1] * w.shape[0] >= _ONEDNN_MIN_MACS):
         return _ONEDNN_LINEAR(x, w, bias, "none", [], "")
     return x @ w.T if bias is None else torch.addmm(bias, x, w.T)
 

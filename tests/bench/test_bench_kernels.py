@@ -15,16 +15,34 @@ def _reference(x, w, b):
     return out if b is None else out + b.double()
 
 
-@pytest.mark.parametrize("rows", [0, 1, 37])
+# (rows, in, out): empty, one row, small (mm), and above `_ONEDNN_MIN_MACS` (oneDNN where present)
+SHAPES = [(0, 24, 19), (1, 24, 19), (37, 24, 19), (300, 96, 80)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_mm_t_is_x_times_w_transposed_plus_bias(rows, transposed, with_bias):
-    x = torch.randn(rows, 24)
-    w = torch.randn(24, 19).T if transposed else torch.randn(19, 24)
-    b = torch.randn(19) if with_bias else None
+def test_mm_t_is_x_times_w_transposed_plus_bias(shape, transposed, with_bias):
+    rows, k, m = shape
+    x = torch.randn(rows, k)
+    w = torch.randn(k, m).T if transposed else torch.randn(m, k)
+    b = torch.randn(m) if with_bias else None
     got = mm_t(x, w, b)
-    assert got.shape == (rows, 19) and got.dtype == torch.float32
-    torch.testing.assert_close(got.double(), _reference(x, w, b), rtol=1e-5, atol=1e-5)
+    assert got.shape == (rows, m) and got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), _reference(x, w, b), rtol=1e-5, atol=1e-4)
+
+
+def test_mm_t_calls_onednn_only_for_large_products(monkeypatch):
+    calls = []
+
+    def spy(*args):
+        calls.append(args[0].shape)
+        return torch.nn.functional.linear(*args[:3])
+
+    monkeypatch.setattr(functional, "_ONEDNN_LINEAR", spy)
+    mm_t(torch.randn(37, 24), torch.randn(19, 24))
+    mm_t(torch.randn(300, 96), torch.randn(80, 96))
+    assert calls == [(300, 96)]
 
 
 def test_mm_t_leaves_other_dtypes_and_layouts_to_torch():
