@@ -1,0 +1,44 @@
+"""`make bench` in miniature: bench/run.py runs every case at ``--size tiny`` and writes its files,
+so the benchmark script does not rot between full runs."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+CASES = {"train", "infer", "merge", "qlora", "sft"}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_the_benchmark_runs_at_tiny_size(tmp_path):
+    out = tmp_path / "results.json"
+    readme = (ROOT / "README.md").read_bytes() if (ROOT / "README.md").exists() else None
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--size", "tiny", "--repeats", "1",
+                           "--no-readme", "--out", str(out)], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    results = json.loads(out.read_text())
+    assert set(results["cases"]) | set(results["skipped"]) == CASES
+    for case, sides in results["cases"].items():
+        assert sides["repeats"] == 1
+        assert set(sides) == {"repeats", "peft", "lorafit"}, case
+    if "sft" in results["cases"]:
+        sft = results["cases"]["sft"]
+        assert sft["peft"]["same_tokens"] == 1.0  # TRL and lorafit trained on the same tokens
+        assert sft["peft"]["steps"] == sft["lorafit"]["steps"]
+    rows = results["rows"]
+    assert rows and all(r["lorafit"] is not None for r in rows)
+    assert all(isinstance(r["met"], bool) for r in rows if r["target"])
+
+    table = out.with_suffix(".md").read_text()
+    assert table.startswith("| case | PEFT | lorafit | lorafit / PEFT | target | met |")
+    assert all(f"| {r['label']} |" in table for r in rows)
+    assert table.strip() in done.stdout
+    if readme is not None:  # --no-readme leaves the README alone
+        assert (ROOT / "README.md").read_bytes() == readme
