@@ -76,26 +76,27 @@ class PeakMemory:
     optimizer state)."""
 
     def __init__(self, device):
-        self.device = device
+        self.cuda = device.type == "cuda"
         self.start = self._now()
         self.window_start = self.peak = self.start
 
     def _now(self) -> int:
         import torch
 
-        return torch.cuda.memory_allocated() if self.device.type == "cuda" else _rss_bytes()
+        return torch.cuda.memory_allocated() if self.cuda else _rss_bytes()
 
     def __enter__(self):
         import threading
 
         import torch
 
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
         self.window_start = self.peak = self._now()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
         return self
 
     def _sample(self):
@@ -105,9 +106,12 @@ class PeakMemory:
     def __exit__(self, *exc):
         import torch
 
-        self._stop.set()
-        self._thread.join()
-        self.peak = torch.cuda.max_memory_allocated() if self.device.type == "cuda" else max(self.peak, _rss_bytes())
+        if self.cuda:
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, _rss_bytes())
 
     @property
     def above_window_mb(self) -> float:
@@ -142,24 +146,25 @@ def _model(size, device):
     return model.to(device=device, dtype=torch.float32)
 
 
-def _lora_config(side, r=16, alpha=32, dropout=0.0):
+def _lora_config(side):
+    """LoRA r=16, alpha=32, no dropout on every linear layer of the blocks, in `side`'s library."""
     if side == "peft":
         import peft
 
-        return peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=TARGETS)
+        return peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS)
     import lorafit
 
-    return lorafit.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=TARGETS)
+    return lorafit.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS)
 
 
-def _wrap(side, model, adapter_name="default"):
+def _wrap(side, model):
     if side == "peft":
         import peft
 
-        return peft.get_peft_model(model, _lora_config(side), adapter_name=adapter_name)
+        return peft.get_peft_model(model, _lora_config(side))
     import lorafit
 
-    return lorafit.wrap(model, _lora_config(side), adapter_name=adapter_name)
+    return lorafit.wrap(model, _lora_config(side))
 
 
 def _timed(fn, iters, device):
@@ -203,12 +208,13 @@ def worker_train(side, size, workdir, quantize=None):
             "peak_mem_mb": memory.above_window_mb, "peak_total_mb": memory.above_start_mb, **facts}
 
 
-def _forward_time(model, ids, iters, device):
+def _forward_time(model, ids, iters, device, **kwargs):
+    """Median seconds of a forward pass in inference mode, after one untimed warm-up."""
     import torch
 
-    with torch.no_grad():
-        model(input_ids=ids)
-        return _timed(lambda: model(input_ids=ids), iters, device)
+    with torch.inference_mode():
+        model(input_ids=ids, **kwargs)
+        return _timed(lambda: model(input_ids=ids, **kwargs), iters, device)
 
 
 def _train_step(side, model, ids, device):
@@ -242,31 +248,25 @@ def worker_infer(side, size, workdir):
     """Case 2: forward passes of a batch, no grad: the base, the base with one unmerged adapter,
     with that adapter merged, and a mixed batch where every row has its own adapter (8 adapters
     on 8 rows), each relative to the base in the same process."""
-    import torch
-
     s, device = SIZES[size], _device()
     model = _model(size, device).eval()
     ids = _token_batch(s, s["infer_batch"], s["infer_seq"], device)
     iters = s["infer_iters"]
-    run = lambda m, **kw: m(input_ids=ids, **kw)  # noqa: E731
-    with torch.inference_mode():
-        run(model)
-        base = _timed(lambda: run(model), iters, device)
-        wrapped = _wrap(side, model).eval()
-        names = ["default"] + [f"a{i}" for i in range(1, 8)]
-        for name in names[1:]:
-            wrapped.add_adapter(name, _lora_config(side))
-        _randomise(wrapped)
-        wrapped.set_adapter("default")
-        run(wrapped)
-        unmerged = _timed(lambda: run(wrapped), iters, device)
-        rows = [names[i % len(names)] for i in range(s["infer_batch"])]
-        mixed = _timed(lambda: run(wrapped, adapter_names=rows), iters, device)
-        if side == "peft":
-            wrapped.merge_adapter(["default"])
-        else:
-            wrapped.merge(["default"])
-        merged = _timed(lambda: run(wrapped), iters, device)
+    base = _forward_time(model, ids, iters, device)
+    wrapped = _wrap(side, model).eval()
+    names = ["default"] + [f"a{i}" for i in range(1, 8)]
+    for name in names[1:]:
+        wrapped.add_adapter(name, _lora_config(side))
+    _randomise(wrapped)
+    wrapped.set_adapter("default")
+    unmerged = _forward_time(wrapped, ids, iters, device)
+    rows = [names[i % len(names)] for i in range(s["infer_batch"])]
+    mixed = _forward_time(wrapped, ids, iters, device, adapter_names=rows)
+    if side == "peft":
+        wrapped.merge_adapter(["default"])
+    else:
+        wrapped.merge(["default"])
+    merged = _forward_time(wrapped, ids, iters, device)
     return {"base_s": base, "unmerged_over_base": unmerged / base, "merged_over_base": merged / base,
             "mixed8_over_base": mixed / base}
 
@@ -283,7 +283,7 @@ def _randomise(wrapped):
 
 
 def worker_merge(side, size, workdir):
-    """Case 5: adapter files and merging on the default-size model: saving an adapter to disk,
+    """Case 5: adapter files and merging: saving an adapter to disk,
     loading it onto a fresh copy of the base, and merge_and_unload of a loaded adapter (medians;
     copying the base is not timed)."""
     import copy
