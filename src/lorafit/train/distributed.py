@@ -198,10 +198,24 @@ def init(cfg: TrainConfig) -> Group:
         device = torch.device("cpu")
     owns = not dist.is_initialized()
     if owns:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(seconds=cfg.dist_timeout_s),
+        timeout = datetime.timedelta(seconds=cfg.dist_timeout_s)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout,
+                                store=_attempt_store(rank, world_size, timeout), rank=rank, world_size=world_size,
                                 device_id=device if device.type == "cuda" else None)
     return Group(mode, device, dist.get_rank(), dist.get_world_size(), owns, cfg.dist_timeout_s)
+
+
+def _attempt_store(rank: int, world_size: int, timeout: datetime.timedelta):
+    """The launcher's key-value store (MASTER_ADDR:MASTER_PORT) under a prefix naming this
+    attempt of the job. After an elastic restart the store can still hold the addresses that the
+    dead attempt's processes published; gloo would try to connect to those, so each attempt
+    keeps its keys apart. The server is torchrun's agent, or else rank 0."""
+    dist = torch.distributed
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "29500")),
+                          world_size, is_master=rank == 0 and not agent, timeout=timeout,
+                          multi_tenant=not agent)
+    return dist.PrefixStore(f"lorafit/attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def close(group: Group) -> None:
