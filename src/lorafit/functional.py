@@ -40,11 +40,25 @@ def mm_t(x: Tensor, w: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     shapes of a LoRA layer on AMD Zen 5). Both accumulate in fp32; only the summation order
     differs. Tiny products (`_ONEDNN_MIN_MACS`) and everything else go to ``addmm`` / ``mm``.
     """
-    if (_ONEDNN_LINEAR is not None and x.device.type == "cpu" and x.dim() == 2 and x.is_contiguous()
-            and x.dtype == w.dtype == torch.float32 and (bias is None or bias.dtype == torch.float32)
-            and x.shape[0] * x.shape[1] * w.shape[0] >= _ONEDNN_MIN_MACS):
+    if (_onednn_applies(x, w, x.shape[0] * x.shape[1] * w.shape[0]) and x.dim() == 2 and x.is_contiguous()
+            and (w.is_contiguous() or w.T.is_contiguous()) and (bias is None or bias.dtype == x.dtype)):
         return _ONEDNN_LINEAR(x, w, bias, "none", [], "")
     return x @ w.T if bias is None else torch.addmm(bias, x, w.T)
+
+
+def mm_tn(a: Tensor, b: Tensor) -> Tensor:
+    """``aᵀ b`` for a [N, p] and b [N, q] (a weight gradient). Through oneDNN (see `mm_t`) the
+    narrower operand is copied transposed and the wider one read in place; otherwise ``a.T @ b``."""
+    if not _onednn_applies(a, b, a.shape[0] * a.shape[1] * b.shape[1]):
+        return a.T @ b
+    if a.shape[1] <= b.shape[1]:
+        return mm_t(a.T.contiguous(), b.T)
+    return mm_t(b.T.contiguous(), a.T).T
+
+
+def _onednn_applies(x: Tensor, w: Tensor, macs: int) -> bool:
+    return (_ONEDNN_LINEAR is not None and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32
+            and macs >= _ONEDNN_MIN_MACS)
 
 
 def delta_weight(A: Tensor, B: Tensor, scaling: float) -> Tensor:
@@ -118,9 +132,9 @@ class _FusedLoraLinear(torch.autograd.Function):
             grad_x.add_(lora_in)
         if need_a:
             xd = x if keep is None else x * keep * (1.0 / (1.0 - p))
-            grad_a = g_h.T @ xd
+            grad_a = mm_tn(g_h, xd)  # g_hᵀ x_d   (r, in)
         if need_bb:
-            grad_bb = g.T @ h
+            grad_bb = mm_tn(g, h)  # gᵀ h   (out, r)
         if need_b and ctx.has_bias:
             grad_bias = g.sum(0)
         return grad_x, None, grad_bias, grad_a, grad_bb, None, None, None

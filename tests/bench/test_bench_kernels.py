@@ -1,4 +1,4 @@
-"""The kernel calls behind lorafit's fast paths (`mm_t`, `frozen_linear`): same results as the
+"""The kernel calls behind lorafit's fast paths (`mm_t`, `mm_tn`, `frozen_linear`): same results as the
 plain PyTorch ops up to fp32 summation order, and the oneDNN path present where it should be."""
 
 import platform
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lorafit import functional
-from lorafit.functional import frozen_linear, mm_t
+from lorafit.functional import frozen_linear, mm_t, mm_tn
 
 
 def _reference(x, w, b):
@@ -43,6 +43,17 @@ def test_mm_t_calls_onednn_only_for_large_products(monkeypatch):
     mm_t(torch.randn(37, 24), torch.randn(19, 24))
     mm_t(torch.randn(300, 96), torch.randn(80, 96))
     assert calls == [(300, 96)]
+
+
+@pytest.mark.parametrize("p, q", [(16, 300), (300, 16), (7, 9)])
+def test_mm_tn_is_a_transposed_times_b(p, q):
+    rows = 1024 if p * q > 100 else 5  # large enough for oneDNN, and a tiny product
+    a, b = torch.randn(rows, p), torch.randn(rows, q)
+    got = mm_tn(a, b)
+    assert got.shape == (p, q)
+    torch.testing.assert_close(got.double(), a.double().T @ b.double(), rtol=1e-5, atol=1e-4)
+    if p * q <= 100:
+        assert torch.equal(got, a.T @ b)
 
 
 def test_mm_t_leaves_other_dtypes_and_layouts_to_torch():
