@@ -83,3 +83,17 @@ def test_frozen_linear_gradients_match_f_linear(w_in_out):
     want_x, want_b = torch.autograd.grad(want, (x, bias), g)
     torch.testing.assert_close(got_x, want_x)
     torch.testing.assert_close(got_b, want_b)
+
+
+def test_the_fused_node_compiles_above_the_onednn_threshold():
+    """torch.compile traces the plain ops (Inductor's lowering of the oneDNN op wants frozen weights)."""
+    x = torch.randn(512, 64, requires_grad=True)
+    weight, A, B = torch.randn(64, 64), torch.randn(8, 64, requires_grad=True), torch.randn(64, 8, requires_grad=True)
+
+    def layer(x, A, B):
+        return functional.fused_lora_linear(x, weight, None, A, B, 2.0)
+
+    got = torch.compile(layer)(x, A, B)
+    got.sum().backward()
+    torch.testing.assert_close(got, layer(x, A, B), rtol=1e-5, atol=1e-4)
+    assert A.grad is not None and B.grad is not None
