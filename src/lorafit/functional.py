@@ -58,9 +58,11 @@ def mm_tn(a: Tensor, b: Tensor) -> Tensor:
 
 def _onednn_applies(x: Tensor, w: Tensor, macs: int) -> bool:
     # Under torch.compile the plain ops are traced instead: Inductor picks its own GEMM, and its
-    # lowering of this oneDNN op only accepts constant (frozen) weights.
+    # lowering of this oneDNN op only accepts constant (frozen) weights. Under CPU autocast the
+    # plain ops keep following autocast.
     return (_ONEDNN_LINEAR is not None and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32
-            and macs >= _ONEDNN_MIN_MACS and not torch.compiler.is_compiling())
+            and macs >= _ONEDNN_MIN_MACS and not torch.compiler.is_compiling()
+            and not torch.is_autocast_enabled("cpu"))
 
 
 def delta_weight(A: Tensor, B: Tensor, scaling: float) -> Tensor:

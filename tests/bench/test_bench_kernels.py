@@ -97,3 +97,9 @@ def test_the_fused_node_compiles_above_the_onednn_threshold():
     got.sum().backward()
     torch.testing.assert_close(got, layer(x, A, B), rtol=1e-5, atol=1e-4)
     assert A.grad is not None and B.grad is not None
+
+
+def test_mm_t_follows_cpu_autocast_like_the_plain_op():
+    x, w = torch.randn(300, 96), torch.randn(80, 96)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert mm_t(x, w).dtype == (x @ w.T).dtype == torch.bfloat16
