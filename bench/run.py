@@ -466,7 +466,12 @@ def main(argv=None) -> int:
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {', '.join(CASES)}")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results JSON; the table goes next to it (.md)")
     parser.add_argument("--no-readme", action="store_true", help="do not rewrite the README table")
+    parser.add_argument("--render", action="store_true",
+                        help="measure nothing: write the table of the results in --out again (.md, README)")
     args = parser.parse_args(argv)
+    if args.render:
+        publish(json.loads(args.out.read_text()), args.out, readme=not args.no_readme)
+        return 0
     os.environ.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")  # before the fork server starts
     cases = [c for c in args.cases.split(",") if c]
     unknown = [c for c in cases if c not in CASES]
@@ -490,22 +495,36 @@ def main(argv=None) -> int:
             results["cases"][case] = measure(case, args.size, args.repeats, workdir)
             print(f"{case} ({time.perf_counter() - started:.0f} s): {json.dumps(results['cases'][case])}", flush=True)
     results["rows"] = table_rows(results)
-    table = render_table(results)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(table + "\n")
-    print(table)
-    if not args.no_readme:
-        update_readme(table)
+    publish(results, args.out, readme=not args.no_readme)
     return 0
+
+
+def publish(results: dict, out: Path, readme: bool) -> None:
+    """Print the table of `results` and write it next to `out` (.md) and, with `readme`, into the README."""
+    table = render_table(results)
+    out.with_suffix(".md").write_text(table + "\n")
+    print(table)
+    if readme:
+        update_readme(table)
 
 
 def _machine() -> dict:
     import torch
 
     return {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
+            "cpu_model": _cpu_model(),
             "threads": torch.get_num_threads(),
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "load_avg_1min": os.getloadavg()[0]}
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -587,7 +606,9 @@ def table_rows(results: dict) -> list[dict]:
 
 def render_table(results: dict) -> str:
     def num(v):
-        return "n/a" if v is None else f"{v:.3g}"
+        if v is None:
+            return "n/a"
+        return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.3g}"
 
     lines = ["| case | PEFT | lorafit | lorafit / PEFT | target | met |", "|---|---:|---:|---:|---|---|"]
     for r in results["rows"]:
@@ -596,16 +617,32 @@ def render_table(results: dict) -> str:
         lines.append(f"| {r['label']} | {num(r['peft'])} | {num(r['lorafit'])} | {ratio} | {r['target'] or ''} | {met} |")
     m = results["machine"]
     repeats = ", ".join(f"{case} {c['repeats']}" for case, c in results["cases"].items())
-    lines.append("")
-    lines.append(f"size `{results['size']}`; medians of alternating runs in fresh processes ({repeats}); "
-                 f"{m['device']}, {m['cpus']} CPUs, torch {m['torch']}, Python {m['python']}; "
-                 f"1-min load average at the start {m['load_avg_1min']:.2f}.")
-    if "sft" in results["cases"]:
-        lines.append("SFT: PEFT column = TRL SFTTrainer + PEFT; eval loss from one evaluator for both, on the same "
-                     "tokens (see bench/sft.py).")
-    for case, why in results["skipped"].items():
-        lines.append(f"Case `{case}` skipped: {why}.")
+    lines += ["", f"size `{results['size']}`; medians of alternating runs in fresh processes ({repeats}); "
+                  f"{m['device']} ({m['cpu_model']}), {m['cpus']} CPUs, torch {m['torch']}, Python {m['python']}; "
+                  f"1-min load average at the start {m['load_avg_1min']:.2f}.", ""]
+    lines += [f"- {note}" for note in _notes(results)]
     return "\n".join(lines)
+
+
+def _notes(results: dict) -> list[str]:
+    """What a reader needs to read the table right."""
+    cases, notes = results["cases"], []
+    if results["machine"]["device"] == "cpu":
+        notes.append("\"base\" is the plain PyTorch model, whose fp32 `mm` calls MKL (AVX2 code on non-Intel "
+                     "CPUs); on x86 lorafit's layers compute their fp32 products with oneDNN's AVX-512 kernels "
+                     "(`lorafit.functional.mm_t`), hence lorafit / base below 1.")
+    if "sft" in cases:
+        notes.append("SFT: the PEFT column is TRL's SFTTrainer with PEFT (no packing, no gradient checkpointing); "
+                     "lorafit batches by length, 8 examples per step as well; one evaluator computes both eval "
+                     "losses on the same tokens (bench/sft.py).")
+    if "qlora" in cases:
+        q = cases["qlora"]["lorafit"]
+        kept = 1 - (1 - q["base_bytes_ratio"]) / (1 - q["linear_bytes_ratio"])  # fp32 share left unquantised
+        notes.append(f"QLoRA: embeddings, norms and output head stay fp32 (as `lorafit train` keeps them): "
+                     f"{kept:.0%} of this model's fp32 bytes, so its base cannot go below {kept:.2f} of fp32; the "
+                     f"quantised linear layers are at {q['linear_bytes_ratio']:.2f}.")
+    notes += [f"Case `{case}` skipped: {why}." for case, why in results["skipped"].items()]
+    return notes
 
 
 def update_readme(table: str) -> None:
