@@ -50,6 +50,7 @@ def bench_section() -> str:
         return "(not measured yet: run `make bench`)"
     spec = importlib.util.spec_from_file_location("bench_run", ROOT / "bench" / "run.py")
     bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench  # dataclasses in the module look themselves up there
     spec.loader.exec_module(bench)
     return bench.render_table(json.loads(path.read_text()))
 
