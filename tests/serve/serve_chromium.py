@@ -15,6 +15,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from lorafit.serve.harness import terminate
+
 FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -55,13 +57,7 @@ class Chromium:
         self.close()
 
     def close(self) -> None:
-        if self._process.poll() is None:
-            self._process.terminate()
-            try:
-                self._process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
+        terminate(self._process)
         for fd in (self._read, self._write):
             os.close(fd)
         self._log.close()

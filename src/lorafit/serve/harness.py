@@ -82,14 +82,20 @@ class ServerProcess:
 
     def stop(self) -> None:
         """Ask the server to stop (SIGTERM), and kill it if it has not within 10 seconds."""
-        if self._process is None or self._process.poll() is not None:
-            return
-        self._process.terminate()
-        try:
-            self._process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
+        if self._process is not None:
+            terminate(self._process)
+
+
+def terminate(process: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """SIGTERM `process` if it still runs, and SIGKILL it after `grace_s` seconds."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def write_demo_adapters(base_dir: Path, out_dir: Path, names: list[str], rank: int = 8) -> dict[str, Path]:
