@@ -449,14 +449,17 @@ def median_dicts(runs: list[dict]) -> dict:
 
 
 def measure(case: str, size: str, repeats: int, workdir) -> dict:
-    """Medians per side of `repeats` alternating runs of `case`."""
+    """Medians per side of `repeats` alternating runs of `case`, and the highest 1-minute load
+    average seen after a run (a sign of other work on the machine)."""
     cap = CASES[case].repeats_key
     repeats = min(repeats, SIZES[size][cap]) if cap else repeats
     runs = {side: [] for side in SIDES}
+    load = 0.0
     for i in range(repeats):
         for side in SIDES if i % 2 == 0 else SIDES[::-1]:
             runs[side].append(run_worker(case, side, size, workdir))
-    return {"repeats": repeats, **{side: median_dicts(r) for side, r in runs.items()}}
+            load = max(load, os.getloadavg()[0])
+    return {"repeats": repeats, "load_avg_max": load, **{side: median_dicts(r) for side, r in runs.items()}}
 
 
 def main(argv=None) -> int:
@@ -619,7 +622,9 @@ def render_table(results: dict) -> str:
     repeats = ", ".join(f"{case} {c['repeats']}" for case, c in results["cases"].items())
     lines += ["", f"size `{results['size']}`; medians of alternating runs in fresh processes ({repeats}); "
                   f"{m['device']} ({m['cpu_model']}), {m['cpus']} CPUs, torch {m['torch']}, Python {m['python']}; "
-                  f"1-min load average at the start {m['load_avg_1min']:.2f}.", ""]
+                  f"1-min load average {m['load_avg_1min']:.2f} at the start and at most "
+                  f"{max(c['load_avg_max'] for c in results['cases'].values()):.2f} after a measurement (the "
+                  f"benchmark alone accounts for up to {m['threads']}).", ""]
     lines += [f"- {note}" for note in _notes(results)]
     return "\n".join(lines)
 
