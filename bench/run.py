@@ -622,11 +622,18 @@ def render_table(results: dict) -> str:
     repeats = ", ".join(f"{case} {c['repeats']}" for case, c in results["cases"].items())
     lines += ["", f"size `{results['size']}`; medians of alternating runs in fresh processes ({repeats}); "
                   f"{m['device']} ({m['cpu_model']}), {m['cpus']} CPUs, torch {m['torch']}, Python {m['python']}; "
-                  f"1-min load average {m['load_avg_1min']:.2f} at the start and at most "
-                  f"{max(c['load_avg_max'] for c in results['cases'].values()):.2f} after a measurement (the "
-                  f"benchmark alone accounts for up to {m['threads']}).", ""]
+                  f"1-min load average {m['load_avg_1min']:.2f} at the start{_load_peak(results)}.", ""]
     lines += [f"- {note}" for note in _notes(results)]
     return "\n".join(lines)
+
+
+def _load_peak(results: dict) -> str:
+    """The highest load seen after a measurement (recorded since the results format has it)."""
+    peaks = [c["load_avg_max"] for c in results["cases"].values() if "load_avg_max" in c]
+    if not peaks:
+        return ""
+    return (f" and at most {max(peaks):.2f} after a measurement (the benchmark alone accounts for up to "
+            f"{results['machine']['threads']})")
 
 
 def _notes(results: dict) -> list[str]:
