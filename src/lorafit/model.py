@@ -273,14 +273,10 @@ class LoraModel(nn.Module):
         """Run the plain base model inside the block (merged adapters are unmerged meanwhile)."""
         merged = self.merged_adapters
         self.unmerge()
-        wrappers = [layer for _, layer in self.wrappers()]
-        for layer in wrappers:
-            layer.disabled = True
         try:
-            yield
+            with self._on_every_wrapper("disabled", True, False):
+                yield
         finally:
-            for layer in wrappers:
-                layer.disabled = False
             if merged:
                 self.merge(merged)
 
@@ -295,15 +291,20 @@ class LoraModel(nn.Module):
         for name in adapter_names:
             if name is not None:
                 self._check_known(name)
-        rows = RowAdapters(adapter_names)
+        with self._on_every_wrapper("rows", RowAdapters(adapter_names), None):
+            yield
+
+    @contextlib.contextmanager
+    def _on_every_wrapper(self, attribute: str, value, reset):
+        """Set `attribute` on every LoRA layer and modules-to-save wrapper for the block."""
         wrappers = [layer for _, layer in self.wrappers()]
         for layer in wrappers:
-            layer.rows = rows
+            setattr(layer, attribute, value)
         try:
             yield
         finally:
             for layer in wrappers:
-                layer.rows = None
+                setattr(layer, attribute, reset)
 
     def forward(self, *args, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 inputs_embeds=None, labels=None, past_key_values=None,
