@@ -12,7 +12,7 @@ from typing import Any, Literal, Optional
 
 from ..errors import ConfigError
 
-FORMAT_NAMES = ("text", "instruction", "chat", "classification")
+FORMAT_NAMES = ("text", "instruction", "chat", "classification", "preference")
 # Rendered around the user message when the tokenizer has no chat template (or `prompt_template`
 # asks for a plain prompt); the response and EOS follow it directly.
 DEFAULT_PROMPT_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
@@ -30,6 +30,10 @@ class DataConfig:
     * ``chat``: ``messages_field``, a list of ``{"role", "content"}``; the loss covers the
       assistant turns (with the template's end-of-turn marker) only.
     * ``classification``: ``text_field`` and ``label_field``; one label id per example.
+    * ``preference``: ``prompt_field``, ``chosen_field`` and ``rejected_field``, plain strings or
+      TRL's conversational form (the prompt a list of messages ending on a user turn, chosen and
+      rejected a list with one assistant message); one (prompt, chosen, rejected) triple per
+      example, for ``train.objective`` ``dpo`` or ``orpo``.
     """
 
     train_file: Optional[str] = None
@@ -46,7 +50,7 @@ class DataConfig:
     from the `train_file` dataset when `eval_file` is not given."""
     dataset_config: Optional[str] = None
     """Configuration name passed to ``datasets.load_dataset`` (e.g. ``"sst2"`` for ``"glue"``)."""
-    format: Literal["text", "instruction", "chat", "classification"] = "text"
+    format: Literal["text", "instruction", "chat", "classification", "preference"] = "text"
     """How a record becomes a training example (see the class docstring)."""
     text_field: str = "text"
     label_field: str = "label"
@@ -55,6 +59,12 @@ class DataConfig:
     input_field: str = "input"
     """Optional in each record: an absent or empty input leaves the prompt as the instruction alone."""
     output_field: str = "output"
+    prompt_field: str = "prompt"
+    """Preference records: the prompt (a string, or messages ending on a user turn)."""
+    chosen_field: str = "chosen"
+    """Preference records: the preferred answer (a string, or a list with one assistant message)."""
+    rejected_field: str = "rejected"
+    """Preference records: the dispreferred answer, in the same form as the chosen one."""
     labels: Optional[list[str]] = None
     """Class names in id order. When absent: the sorted set of train labels, or ``"0".."N"``
     when every train label is an integer (integer labels are then used as ids)."""
@@ -64,7 +74,8 @@ class DataConfig:
     prompt_template: Optional[str] = None
     """Plain-text instruction prompt with a ``{prompt}`` placeholder. When set it replaces the
     tokenizer's chat template; when absent a tokenizer without a chat template gets
-    `DEFAULT_PROMPT_TEMPLATE`."""
+    `DEFAULT_PROMPT_TEMPLATE`. Preference records: chat prompts are rendered with it (or the chat
+    template); plain-string prompts are used as they are unless it is set."""
     max_length: int = 512
     """Examples with more tokens are cut to this length (from the right) and counted."""
     add_eos: bool = True
@@ -103,11 +114,11 @@ class DataConfig:
         _require(self.on_bad_record in ("error", "skip"), "on_bad_record", self.on_bad_record,
                  "'error' or 'skip'")
         for name in ("text_field", "label_field", "messages_field", "instruction_field", "input_field",
-                     "output_field", "train_split"):
+                     "output_field", "prompt_field", "chosen_field", "rejected_field", "train_split"):
             value = getattr(self, name)
             _require(isinstance(value, str) and value != "", name, value, "a non-empty string")
-        _require(not (self.packing and self.format == "classification"), "packing", self.packing,
-                 "false for format 'classification' (packing concatenates causal-LM examples)")
+        _require(not (self.packing and self.format in ("classification", "preference")), "packing", self.packing,
+                 f"false for format {self.format!r} (packing concatenates causal-LM examples)")
         if self.labels is not None:
             _require(isinstance(self.labels, (list, tuple)) and len(self.labels) >= 2
                      and all(isinstance(x, str) and x for x in self.labels)
@@ -124,8 +135,8 @@ class DataConfig:
         _require(self.eval_split is None or self.eval_fraction == 0.0, "eval_split", self.eval_split,
                  "null when eval_fraction is set (the eval set comes from one place)")
         if self.prompt_template is not None:
-            _require(self.format == "instruction", "prompt_template", self.prompt_template,
-                     "null unless format is 'instruction'")
+            _require(self.format in ("instruction", "preference"), "prompt_template", self.prompt_template,
+                     "null unless format is 'instruction' or 'preference'")
             _require(_placeholders(self.prompt_template) == {"prompt"}, "prompt_template", self.prompt_template,
                      "a template whose only placeholder is {prompt} (write literal braces as {{ }})")
 

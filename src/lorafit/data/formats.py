@@ -4,7 +4,8 @@ Each format is a `Format` in the `FORMATS` table: ``parse`` checks one record's 
 returns its payload (raising `BadRecord`), ``encode`` turns a list of payloads into examples
 (tokenizing in one call where it can). Causal-LM examples are ``{"input_ids", "labels"}`` with
 ``labels[t] = input_ids[t]`` where the loss applies and `IGNORE_INDEX` elsewhere (the model
-shifts labels itself); classification examples are ``{"input_ids", "label"}``.
+shifts labels itself); classification examples are ``{"input_ids", "label"}``; preference
+examples are ``{"prompt_ids", "chosen_ids", "rejected_ids"}`` (see `encode_preferences`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Union
 
-from .chat import IGNORE_INDEX, Message, encode_conversation, tokens
+from .chat import IGNORE_INDEX, Message, encode_conversation, render, tokens
 from .config import DataConfig
 from .report import BadRecord, DataReport
 
@@ -215,9 +216,133 @@ def encode_classification(items: list[tuple[str, Union[str, int]]], ctx: Context
     return results
 
 
+@dataclass(frozen=True)
+class PreferencePair:
+    """A parsed preference record: `prompt` is a string or messages ending on a user turn; the
+    answers are strings, or one assistant message each when the prompt is messages."""
+
+    prompt: Union[str, list[Message]]
+    chosen: Union[str, Message]
+    rejected: Union[str, Message]
+
+
+def parse_preference(fields: Mapping[str, Any], cfg: DataConfig) -> PreferencePair:
+    """TRL's preference record, plain (three strings) or conversational (message lists)."""
+    prompt = _field(fields, cfg.prompt_field)
+    if isinstance(prompt, str):
+        pair = PreferencePair(prompt, _text(fields, cfg.chosen_field), _text(fields, cfg.rejected_field))
+    elif isinstance(prompt, list):
+        messages = [_message(m, f"{cfg.prompt_field}[{i}]") for i, m in enumerate(prompt)]
+        if not messages or messages[-1]["role"] != "user":
+            last = messages[-1]["role"] if messages else "nothing"
+            raise BadRecord("prompt not ending on a user turn",
+                            f"field {cfg.prompt_field!r} must end on a user message, it ends on {last}")
+        if cfg.system_prompt and messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": cfg.system_prompt})
+        pair = PreferencePair(messages, _answer(fields, cfg.chosen_field), _answer(fields, cfg.rejected_field))
+    else:
+        raise BadRecord("wrong type", f"field {cfg.prompt_field!r} must be a string or a list of messages, "
+                        f"got {type(prompt).__name__}")
+    if pair.chosen == pair.rejected:
+        raise BadRecord("chosen equals rejected", f"fields {cfg.chosen_field!r} and {cfg.rejected_field!r} "
+                        "are identical, so there is no preference to learn")
+    return pair
+
+
+def _message(value: Any, where: str) -> Message:
+    if not isinstance(value, Mapping) or not isinstance(value.get("role"), str) \
+            or not isinstance(value.get("content"), str):
+        raise BadRecord("wrong type", f"{where} must be a message with string 'role' and 'content'")
+    return {"role": value["role"], "content": value["content"]}
+
+
+def _answer(fields: Mapping[str, Any], name: str) -> Message:
+    """The single assistant message of a conversational answer field."""
+    value = _field(fields, name)
+    if not isinstance(value, list) or len(value) != 1:
+        raise BadRecord("wrong type", f"field {name!r} must be a list with one assistant message "
+                        "(the prompt is a list of messages)")
+    message = _message(value[0], f"{name}[0]")
+    if message["role"] != "assistant":
+        raise BadRecord("wrong type", f"{name}[0] must have role 'assistant', got {message['role']!r}")
+    if not message["content"].strip():
+        raise BadRecord("empty text", f"field {name!r} is empty")
+    return message
+
+
+def encode_preferences(pairs: list[PreferencePair], ctx: Context) -> list[Union[Example, BadRecord]]:
+    """Each pair as ``{"prompt_ids", "chosen_ids", "rejected_ids"}``, tokenized as TRL 1.16's DPOTrainer does.
+
+    The prompt alone (P) and prompt + answer (F_c, F_r) are tokenized; the answer tokens start
+    at ``n = min(common prefix(P, F_c), common prefix(P, F_r))`` (a template or a token merge can
+    change the prompt's last tokens), so ``prompt_ids = P[:n]``, ``chosen_ids = F_c[n:]``. Chat
+    records go through the chat template (generation prompt on P, no EOS added: the template
+    ends the turn) or, with a plain template, become strings. Strings: P = tokenizer(prompt) with
+    its special tokens, F = tokenizer(prompt + answer + EOS text) (EOS per `add_eos`).
+    Truncation keeps the start: each of prompt + answer is cut to ``max_length`` tokens, and a
+    pair whose prompt alone fills ``max_length`` is a bad record (TRL drops it).
+    """
+    results: list[Union[Example, BadRecord]] = []
+    for pair in pairs:
+        try:
+            prompt, chosen, rejected = _pair_tokens(pair, ctx)
+        except BadRecord as bad:
+            results.append(bad)
+            continue
+        start = min(_common_prefix(prompt, chosen), _common_prefix(prompt, rejected))
+        limit = ctx.cfg.max_length
+        if start >= limit:
+            results.append(BadRecord("prompt too long", f"the prompt alone has {start} tokens, so "
+                                     f"max_length={limit} leaves no answer token"))
+            continue
+        chosen, rejected = chosen[start:], rejected[start:]
+        if not chosen or not rejected:
+            results.append(BadRecord("no target tokens", "an answer adds no tokens to the prompt"))
+            continue
+        room = limit - start
+        ctx.report.truncated += len(chosen) > room or len(rejected) > room
+        results.append({"prompt_ids": prompt[:start], "chosen_ids": chosen[:room], "rejected_ids": rejected[:room]})
+    return results
+
+
+def _pair_tokens(pair: PreferencePair, ctx: Context) -> tuple[list[int], list[int], list[int]]:
+    """(prompt, prompt + chosen, prompt + rejected) token ids before the common-prefix split."""
+    tokenizer = ctx.tokenizer
+    if isinstance(pair.prompt, list) and ctx.plain_template is None:
+        try:
+            return (tokens(tokenizer, render(tokenizer, pair.prompt, generation_prompt=True)),
+                    tokens(tokenizer, render(tokenizer, pair.prompt + [pair.chosen], generation_prompt=False)),
+                    tokens(tokenizer, render(tokenizer, pair.prompt + [pair.rejected], generation_prompt=False)))
+        except Exception as exc:  # jinja raises whatever the template's author chose
+            raise BadRecord("chat template", f"the chat template cannot render this pair ({exc})") from None
+    if isinstance(pair.prompt, list):
+        *head, user = pair.prompt
+        prompt = "".join(f"{m['content']}\n\n" for m in head) + ctx.plain_template.format(prompt=user["content"])
+        answers = pair.chosen["content"], pair.rejected["content"]
+    else:
+        template = ctx.cfg.prompt_template
+        prompt = pair.prompt if template is None else template.format(prompt=pair.prompt)
+        answers = pair.chosen, pair.rejected
+    eos = tokenizer.eos_token if ctx.cfg.add_eos and tokenizer.eos_token else ""
+    ids = tokenizer([prompt] + [prompt + a + ("" if a.endswith(eos) else eos) for a in answers])["input_ids"]
+    return ids[0], ids[1], ids[2]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def example_tokens(example: Example) -> int:
+    """Tokens an example puts through the model: its row, or both rows of a preference pair."""
+    if "prompt_ids" in example:
+        return 2 * len(example["prompt_ids"]) + len(example["chosen_ids"]) + len(example["rejected_ids"])
+    return len(example["input_ids"])
+
+
 FORMATS = {
     "text": Format(parse_text, encode_texts),
     "instruction": Format(parse_instruction, encode_conversations),
     "chat": Format(parse_chat, encode_conversations),
     "classification": Format(parse_classification, encode_classification),
+    "preference": Format(parse_preference, encode_preferences),
 }

@@ -19,7 +19,7 @@ from ..errors import ConfigError, DataError
 from .batching import pack
 from .chat import has_chat_template
 from .config import DEFAULT_PROMPT_TEMPLATE, DataConfig
-from .formats import FORMATS, Context, Example, infer_labels
+from .formats import FORMATS, Context, Example, example_tokens, infer_labels
 from .readers import is_local_file, read_records
 from .report import BadRecord, DataReport
 
@@ -42,8 +42,9 @@ class TokenizedDataset(torch.utils.data.Dataset):
 
     @property
     def lengths(self) -> list[int]:
-        """Tokens per example (per row when packed), the input of `batch_plan`."""
-        return [len(example["input_ids"]) for example in self.examples]
+        """Tokens per example (per row when packed; both rows of a preference pair), the input of
+        `batch_plan`."""
+        return [example_tokens(example) for example in self.examples]
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,7 @@ def _plain_template(cfg: DataConfig, tokenizer: Any) -> Optional[str]:
     if cfg.format == "chat" and not has_chat_template(tokenizer):
         raise ConfigError("data.format = 'chat' needs a tokenizer with a chat template; "
                           "this tokenizer has none (use format 'instruction' with a prompt_template)")
-    if cfg.format != "instruction":
+    if cfg.format not in ("instruction", "preference"):
         return None
     if cfg.prompt_template is not None:
         return cfg.prompt_template
