@@ -1,16 +1,35 @@
 """Combining adapters into a new one: ``ΔW_new ≈ Σ_i w_i ΔW_i`` per layer.
 
-Each adapter i on a layer contributes ``ΔW_i = s_i B_i A_i``. The methods:
+Each adapter i on a layer contributes ``ΔW_i = s_i B_i A_i`` (A [r_i, in(, *kernel)], B [out, r_i
+(, 1, 1)]); write ``c_i = w_i s_i``. The methods are those of PEFT's ``add_weighted_adapter``:
 
 - ``cat`` (exact): stack the factors, ``A = [A_1; …; A_n]`` [Σr_i, in] and
-  ``B = [w_1 s_1 B_1, …, w_n s_n B_n]`` [out, Σr_i], scaling 1, so ``B A = Σ w_i s_i B_i A_i``.
+  ``B = [c_1 B_1, …, c_n B_n]`` [out, Σr_i], scaling 1, so ``B A = Σ c_i B_i A_i``.
   Works for any mix of ranks, alphas, rsLoRA and per-module rank/alpha patterns.
-- ``svd``: the best rank-k approximation (Eckart–Young) of the exact weighted ΔW; the relative
-  Frobenius error ``‖ΔW − ΔW_k‖ / ‖ΔW‖ = sqrt(Σ_{j>k} σ_j²) / sqrt(Σ_j σ_j²)`` is reported.
-- ``linear``: same-rank adapters only, ``A = Σ c_i A_i``, ``B = Σ c_i B_i`` with
-  ``c_i = sign(w_i s_i)·sqrt(|w_i s_i|)`` on A and ``sqrt(|w_i s_i|)`` on B. This is NOT the
-  weighted delta: the product has cross terms ``c_i c_j B_i A_j``. It keeps the rank small and is
-  what some merging recipes expect; use ``cat`` or ``svd`` when the maths must hold.
+- factor-wise rules (same-rank adapters on each module): a merge rule R of
+  `lorafit.merge_methods` applied to the A and B factors separately,
+  ``A = R([A_i], [sign(c_i) sqrt|c_i|])``, ``B = R([B_i], [sqrt|c_i|])``, scaling 1. With R =
+  ``linear`` this is method ``linear``; the others are ``ties``, ``dare_linear``, ``dare_ties`` and
+  ``magnitude_prune``. None of them is the weighted delta: the product has cross terms
+  ``c_i c_j B_i A_j``. They keep the rank small and are what merging recipes built on PEFT
+  expect; use ``cat`` or ``svd`` when the maths must hold.
+- update-wise rules: ``ΔW = R([s_i B_i A_i], [w_i])`` [out, in·k], then its best rank-`rank`
+  approximation (Eckart–Young) ``ΔW_k = U_k Σ_k V_kᵀ`` as ``B = U_k Σ_k``, ``A = V_kᵀ``.
+  With R = ``linear`` this is ``svd`` (the exact weighted ΔW, truncated); the others are
+  ``ties_svd``, ``dare_linear_svd``, ``dare_ties_svd`` and ``magnitude_prune_svd``. The report
+  gives the truncation error ``‖ΔW − ΔW_k‖ / ‖ΔW‖ = sqrt(Σ_{j>k} σ_j²) / sqrt(Σ_j σ_j²)`` over
+  every module together.
+
+``density`` (the kept fraction, for the pruning rules) and ``majority_sign_method`` (``total``
+or ``frequency``, for the TIES rules) are passed on to the rule. DARE's random masks are drawn
+layer by layer in module order; on each layer for the adapters' A factors in the order of
+`weights`, then for their B factors (or for their ΔW with the ``*_svd`` methods); from torch's
+global generator, or from a generator seeded with `seed`. That is the order in which PEFT draws
+them, so the same masks give PEFT's adapter (tests/test_combine.py replays PEFT's masks); the same
+seed does not, as PEFT first draws the random initialisation of the adapter it creates. PEFT
+draws the ΔW masks of embeddings and fan_in_fan_out layers over the transposed ΔW.
+Unlike PEFT, which falls back to ``linear`` when given one adapter, lorafit applies the method
+asked for.
 
 Adapters whose maths is not ``s B A`` (DoRA's normalised magnitude) or that carry
 modules_to_save copies cannot be combined exactly and are refused.
@@ -20,117 +39,206 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
-from typing import Mapping, Optional, Sequence
+from dataclasses import dataclass, field, replace
+from functools import partial
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from .config import LoraConfig
 from .errors import AdapterError
+from .functional import delta_weight
 from .layers import LoraWeights
+from .merge_methods import RULES
 
-METHODS = ("cat", "svd", "linear")
+
+@dataclass(frozen=True)
+class Part:
+    """One adapter's factors on one module: A, B, its scaling s and its combination weight w."""
+
+    A: Tensor
+    B: Tensor
+    scaling: float
+    weight: float
+
+    @property
+    def coefficient(self) -> float:
+        """``c = w s``."""
+        return self.weight * self.scaling
+
+
+@dataclass(frozen=True)
+class Options:
+    """The settings a method reads; `generator` is None for torch's global one."""
+
+    rank: Optional[int] = None
+    density: Optional[float] = None
+    majority_sign_method: str = "total"
+    generator: Optional[torch.Generator] = None
+
+    @property
+    def rule_args(self) -> tuple:
+        """The trailing arguments of a `lorafit.merge_methods.Rule`."""
+        return self.density, self.majority_sign_method, self.generator
 
 
 @dataclass
 class CombineReport:
-    """What `combine` did: method, ranks per module, and (svd) the relative error it made."""
+    """What `combine` did: method, its settings, ranks per module, and (``*svd``) the relative
+    truncation error. `as_metadata` is what ``lorafit combine`` saves with the adapter."""
 
     method: str
+    weights: dict[str, float] = field(default_factory=dict)
+    settings: dict[str, object] = field(default_factory=dict)
     ranks: dict[str, int] = field(default_factory=dict)
     relative_error: float = 0.0
     discarded_energy: float = 0.0
 
-
-def cat_factors(parts: Sequence[tuple[Tensor, Tensor, float]]) -> tuple[Tensor, Tensor]:
-    """Exact combination of ``(A_i, B_i, c_i)`` with ``c_i = w_i s_i``: returns (A, B) with
-    ``B A = Σ c_i B_i A_i`` (to be used with scaling 1)."""
-    A = torch.cat([a for a, _, _ in parts], dim=0)
-    B = torch.cat([b * c for _, b, c in parts], dim=1)
-    return A, B
-
-
-def weighted_delta(parts: Sequence[tuple[Tensor, Tensor, float]]) -> Tensor:
-    """``Σ c_i B_i A_i`` in fp32 as an [out, in·k] matrix."""
-    A, B = cat_factors([(a.float(), b.float(), c) for a, b, c in parts])
-    r = A.shape[0]
-    return B.reshape(B.shape[0], r) @ A.reshape(r, -1)
+    def as_metadata(self) -> dict[str, object]:
+        """``{"method", "weights", <settings>, "ranks": [min, max], "relative_error"?}``, JSON-ready."""
+        ranks = sorted(set(self.ranks.values()))
+        data = {"method": self.method, "weights": dict(self.weights), **self.settings,
+                "ranks": [ranks[0], ranks[-1]] if ranks else []}
+        if self.method.endswith("svd"):
+            data["relative_error"] = self.relative_error
+        return data
 
 
-def svd_factors(parts: Sequence[tuple[Tensor, Tensor, float]], rank: int) -> tuple[Tensor, Tensor, float, float]:
-    """Rank-`rank` factors of the exact weighted ΔW, plus (discarded σ² sum, total σ² sum)."""
-    a0, b0, _ = parts[0]
-    delta = weighted_delta(parts)
-    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+# A method: (parts on one module, options) -> (A, B, discarded σ² sum, total σ² sum)
+Factors = tuple[Tensor, Tensor, float, float]
+
+
+def cat_factors(parts: Sequence[Part], options: Options) -> Factors:
+    """Exact: (A, B) with ``B A = Σ c_i B_i A_i`` (used with scaling 1)."""
+    A = torch.cat([p.A for p in parts], dim=0)
+    B = torch.cat([p.B * p.coefficient for p in parts], dim=1)
+    return A, B, 0.0, 0.0
+
+
+def factorwise(rule: str, parts: Sequence[Part], options: Options) -> Factors:
+    """``A = R([A_i], [sign(c_i) sqrt|c_i|])``, ``B = R([B_i], [sqrt|c_i|])`` for rule R, in the
+    factors' dtype; every A_i must have one rank."""
+    ranks = {p.A.shape[0] for p in parts}
+    if len(ranks) != 1:
+        raise AdapterError(f"method {rule!r} needs adapters of one rank on each module, got ranks {sorted(ranks)}")
+    merge = RULES[rule].merge
+    roots = [math.sqrt(abs(p.coefficient)) for p in parts]
+    A = merge([p.A for p in parts], [math.copysign(r, p.coefficient) for r, p in zip(roots, parts)], *options.rule_args)
+    B = merge([p.B for p in parts], roots, *options.rule_args)
+    return A.to(parts[0].A.dtype), B.to(parts[0].B.dtype), 0.0, 0.0
+
+
+def svd_of_merged(rule: str, parts: Sequence[Part], options: Options) -> Factors:
+    """Rank-`options.rank` factors of ``ΔW = R([s_i B_i A_i], [w_i])``, zero-padded to that rank
+    where ΔW has fewer singular values, plus (discarded σ² sum, total σ² sum)."""
+    first = parts[0]
+    merged = RULES[rule].merge([delta_of(p) for p in parts], [p.weight for p in parts], *options.rule_args)
+    U, S, Vh = torch.linalg.svd(merged.reshape(merged.shape[0], -1).float(), full_matrices=False)
+    rank = options.rank
     k = min(rank, S.shape[0])
-    B = (U[:, :k] * S[:k]).reshape(b0.shape[0], k, *b0.shape[2:])
-    A = Vh[:k].reshape(k, *a0.shape[1:])
+    B = (U[:, :k] * S[:k]).reshape(first.B.shape[0], k, *first.B.shape[2:])
+    A = Vh[:k].reshape(k, *first.A.shape[1:])
     if k < rank:  # pad to the requested rank so every module has the same r
         A = torch.cat([A, A.new_zeros(rank - k, *A.shape[1:])])
         B = torch.cat([B, B.new_zeros(B.shape[0], rank - k, *B.shape[2:])], dim=1)
     energy = S.double().pow(2)
-    return A.to(a0.dtype), B.to(b0.dtype), float(energy[k:].sum()), float(energy.sum())
+    return A.to(first.A.dtype), B.to(first.B.dtype), float(energy[k:].sum()), float(energy.sum())
 
 
-def linear_factors(parts: Sequence[tuple[Tensor, Tensor, float]]) -> tuple[Tensor, Tensor]:
-    """``A = Σ sign(c_i)·sqrt|c_i|·A_i``, ``B = Σ sqrt|c_i|·B_i`` (see the module docstring)."""
-    ranks = {a.shape[0] for a, _, _ in parts}
-    if len(ranks) != 1:
-        raise AdapterError(f"method 'linear' needs adapters of one rank on each module, got ranks {sorted(ranks)}")
-    A = sum(math.copysign(math.sqrt(abs(c)), c) * a for a, _, c in parts)
-    B = sum(math.sqrt(abs(c)) * b for _, b, c in parts)
-    return A, B
+def delta_of(part: Part) -> Tensor:
+    """``s B A`` in fp32, [out, in(, *kernel)]."""
+    return delta_weight(part.A, part.B, part.scaling)
 
 
-def combine(model, weights: Mapping[str, float], name: str, method: str = "cat",
-            rank: Optional[int] = None) -> CombineReport:
-    """Add adapter `name` to `model` (a LoraModel) combining `weights` {adapter: w} by `method`."""
+@dataclass(frozen=True)
+class Method:
+    """A combination method: how it builds a module's factors, the merge rule it applies (None
+    for cat) and whether it truncates the merged ΔW by SVD (then it needs a rank)."""
+
+    build: Callable[[Sequence[Part], Options], Factors]
+    rule: Optional[str] = None
+    svd: bool = False
+
+    def settings(self, rank: Optional[int], density: Optional[float], majority_sign_method: str,
+                 seed: Optional[int]) -> dict[str, object]:
+        """The settings this method reads, as recorded in a `CombineReport`."""
+        rule = RULES[self.rule] if self.rule else None
+        chosen = {"rank": rank if self.svd else None, "density": density if rule and rule.prunes else None,
+                  "majority_sign_method": majority_sign_method if rule and rule.elects_sign else None,
+                  "seed": seed if rule and rule.random else None}
+        return {key: value for key, value in chosen.items() if value is not None}
+
+
+METHODS: dict[str, Method] = {
+    "cat": Method(cat_factors),
+    **{rule: Method(partial(factorwise, rule), rule) for rule in RULES},
+    **{"svd" if rule == "linear" else f"{rule}_svd": Method(partial(svd_of_merged, rule), rule, svd=True)
+       for rule in RULES},
+}
+
+
+def combine(model, weights: Mapping[str, float], name: str, method: str = "cat", rank: Optional[int] = None,
+            density: Optional[float] = None, majority_sign_method: str = "total",
+            seed: Optional[int] = None) -> CombineReport:
+    """Add adapter `name` to `model` (a LoraModel) combining `weights` {adapter: w} by `method`
+    (see the module docstring); `rank` for the ``*svd`` methods, `density` for the pruning ones,
+    `seed` for DARE's masks (None: torch's global generator)."""
+    chosen = _check(model, weights, name, method, rank, density, majority_sign_method)
+    template = model.peft_config[next(iter(weights))]
+    report = CombineReport(method, {a: float(w) for a, w in weights.items()},
+                           chosen.settings(rank, density, majority_sign_method, seed))
+    options = Options(rank, density, majority_sign_method)
+    new_weights: dict[str, LoraWeights] = {}
+    total = 0.0
+    for path, layer in model.lora_layers():
+        parts = _parts(path, layer, weights)
+        if not parts:
+            continue
+        if seed is not None and options.generator is None:  # on the adapters' device
+            options = replace(options, generator=torch.Generator(parts[0].A.device).manual_seed(seed))
+        A, B, lost, energy = chosen.build(parts, options)
+        report.discarded_energy += lost
+        total += energy
+        new_weights[path] = LoraWeights(A.clone(), B.clone(), 1.0, template.lora_dropout)
+        report.ranks[path] = A.shape[0]
+    report.relative_error = math.sqrt(report.discarded_energy / total) if total > 0 else 0.0
+    model.add_adapter_weights(name, _config_for(report.ranks, template), new_weights)
+    return report
+
+
+def _check(model, weights: Mapping[str, float], name: str, method: str, rank: Optional[int],
+           density: Optional[float], majority_sign_method: str) -> Method:
     if method not in METHODS:
         raise AdapterError(f"combine: method {method!r} is unknown; expected one of {list(METHODS)}")
+    chosen = METHODS[method]
     if not weights:
         raise AdapterError("combine: no adapters given")
-    if method == "svd" and (not isinstance(rank, int) or rank <= 0):
-        raise AdapterError(f"combine: method 'svd' needs a positive integer rank, got {rank!r}")
+    if chosen.svd and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
+        raise AdapterError(f"combine: method {method!r} needs a positive integer rank, got {rank!r}")
+    if chosen.rule is not None:
+        RULES[chosen.rule].check(method, density, majority_sign_method)
     for adapter in weights:
-        model._check_known(adapter)
-        config = model.peft_config[adapter]
-        if config.modules_to_save:
+        if adapter not in model.peft_config:
+            raise AdapterError(f"combine: unknown adapter {adapter!r}; this model has {model.adapter_names}")
+        if model.peft_config[adapter].modules_to_save:
             raise AdapterError(f"combine: adapter {adapter!r} has modules_to_save copies, which have no exact combination")
     if name in model.peft_config:
         raise AdapterError(f"combine: an adapter named {name!r} already exists")
+    return chosen
 
-    template = model.peft_config[next(iter(weights))]
-    report = CombineReport(method)
-    new_weights: dict[str, LoraWeights] = {}
-    discarded = total = 0.0
-    for path, layer in model.lora_layers():
-        parts = []
-        for adapter, w in weights.items():
-            if adapter not in layer.lora:
-                continue
-            lw = layer.lora[adapter]
-            if type(lw) is not LoraWeights:
-                raise AdapterError(f"combine: adapter {adapter!r} on {path!r} is a {type(lw).__name__} "
-                                   "(e.g. DoRA), whose update is not s·B·A; it cannot be combined exactly")
-            parts.append((lw.A.detach(), lw.B.detach(), float(w) * lw.scaling))
-        if not parts:
+
+def _parts(path: str, layer, weights: Mapping[str, float]) -> list[Part]:
+    parts = []
+    for adapter, w in weights.items():
+        if adapter not in layer.lora:
             continue
-        if method == "cat":
-            A, B = cat_factors(parts)
-        elif method == "linear":
-            A, B = linear_factors(parts)
-        else:
-            A, B, lost, energy = svd_factors(parts, rank)
-            discarded, total = discarded + lost, total + energy
-        new_weights[path] = LoraWeights(A.clone(), B.clone(), 1.0, template.lora_dropout)
-        report.ranks[path] = A.shape[0]
-    if method == "svd":
-        report.discarded_energy = discarded
-        report.relative_error = math.sqrt(discarded / total) if total > 0 else 0.0
-
-    model.add_adapter_weights(name, _config_for(report.ranks, template), new_weights)
-    return report
+        lw = layer.lora[adapter]
+        if type(lw) is not LoraWeights:
+            raise AdapterError(f"combine: adapter {adapter!r} on {path!r} is a {type(lw).__name__} "
+                               "(e.g. DoRA), whose update is not s·B·A; it cannot be combined exactly")
+        parts.append(Part(lw.A.detach(), lw.B.detach(), lw.scaling, float(w)))
+    return parts
 
 
 def _config_for(ranks: Mapping[str, int], template: LoraConfig) -> LoraConfig:

@@ -1,9 +1,16 @@
-"""`LoraModel`: a model with LoRA adapters injected, and the surgery that puts them there.
+"""`LoraModel`: a model with LoRA adapters injected, and `wrap` / `load`, the ways to get one.
 
 `wrap(model, config)` replaces every targeted submodule with a LoRA layer that holds the original
 module as ``base_layer`` (composition); nothing else in the model changes. `LoraModel` forwards
 attribute access and calls to the wrapped model, so it drops into an existing training loop, a
 Hugging Face ``Trainer`` or ``generate()``.
+
+Routing: every layer of a model shares the model's `lorafit.routing.Router`. `disable_adapter`,
+`adapter_rows` (mixed batches) and `using_adapter` set the route for a block and restore the
+previous one on exit, so they nest, and they are per thread: two threads may run forwards of one
+model with different routes at once. Weights, the active set of `set_adapter` and merges are
+shared by all threads (`disable_adapter` on a *merged* model unmerges for its block: do not
+share a merged model between threads that route differently).
 """
 
 from __future__ import annotations
@@ -17,36 +24,19 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .config import ALL_LINEAR, LoraConfig
-from .errors import AdapterError, ConfigError, MergeError, TargetError
-from .layers import LoraLayer, LoraWeights, ModulesToSave, RowAdapters, find_kind
+from . import adapter_files
+from .adapter_files.reading import read_adapter_dir
+from .atomic import PathLike
+from .combine import CombineReport, combine
+from .config import LoraConfig
+from .errors import AdapterError, ConfigError, MergeError
+from .layers import LoraLayer, LoraWeights, ModulesToSave
+from .quant import dequantize_model
+from .registry import check_targets, find_kind, selected_variant
+from .routing import Router, RowAdapters
+from .surgery import default_targets, find_modules_to_save, find_targets, replace_module, unwrapped
 
-# target_modules used when a config names none, by Hugging Face `model_type` (PEFT's defaults).
-DEFAULT_TARGETS = {
-    "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
-    "qwen3": ["q_proj", "v_proj"], "gemma": ["q_proj", "v_proj"], "gemma2": ["q_proj", "v_proj"],
-    "phi3": ["qkv_proj"], "opt": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "gpt_neox": ["query_key_value"],
-    "bert": ["query", "value"], "roberta": ["query", "value"], "distilbert": ["q_lin", "v_lin"],
-    "t5": ["q", "v"], "bloom": ["query_key_value"], "falcon": ["query_key_value"],
-}
-_LAYER_PATTERNS = ("layers", "h", "block", "blocks", "layer")
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_\-]+")
-
-# (predicate on the config, LoraWeights subclass): variants such as DoRA register here.
-WEIGHT_VARIANTS: list[tuple] = []
-
-# check(config, module path, base module) run on every target before any layer is replaced;
-# raises ConfigError naming the module (variants register their refusals here).
-TARGET_CHECKS: list = []
-
-
-def weights_class(config: LoraConfig) -> type[LoraWeights]:
-    for applies, cls in WEIGHT_VARIANTS:
-        if applies(config):
-            return cls
-    if config.use_dora:
-        raise ConfigError("LoraConfig.use_dora = True needs the DoRA variant, which is not available")
-    return LoraWeights
 
 
 class LoraModel(nn.Module):
@@ -56,6 +46,7 @@ class LoraModel(nn.Module):
         super().__init__()
         self.model = model
         self.peft_config: dict[str, LoraConfig] = {}
+        self.router = Router()
         self._active: tuple[str, ...] = ()
         model.requires_grad_(False)
         if config is not None:
@@ -87,39 +78,45 @@ class LoraModel(nn.Module):
     def active_adapter(self) -> Optional[str]:
         return self._active[0] if self._active else None
 
+    def check_adapter(self, name: Optional[str]) -> None:
+        """AdapterError unless `name` is an adapter of this model."""
+        if name not in self.peft_config:
+            raise AdapterError(f"unknown adapter {name!r}; this model has {self.adapter_names}")
+
     def add_adapter(self, adapter_name: str, config: LoraConfig) -> None:
-        """Inject a new adapter named `adapter_name` (not activated: see `set_adapter`)."""
-        if not isinstance(adapter_name, str) or not _ADAPTER_NAME.fullmatch(adapter_name):
-            raise AdapterError(
-                f"adapter name {adapter_name!r} is invalid: use letters, digits, '_' and '-' only")
-        if adapter_name in self.peft_config:
-            raise AdapterError(f"an adapter named {adapter_name!r} already exists; delete_adapter() it first")
+        """Inject a new adapter named `adapter_name` (not activated: see `set_adapter`).
+
+        Every target is checked (by the variant and init scheme the config selects) before any
+        module is replaced, so a refused config leaves the model as it was."""
+        self._check_new_name(adapter_name)
         if not isinstance(config, LoraConfig):
             raise ConfigError(f"expected a lorafit.LoraConfig, got {type(config).__name__}")
         config = copy.deepcopy(config)
         if config.target_modules is None:
-            config.target_modules = _default_targets(self.model)
+            config.target_modules = default_targets(self.model)
         targets = find_targets(self.model, config)
-        saved = _find_modules_to_save(self.model, config.modules_to_save or [])
-        variant = weights_class(config)
+        saved = find_modules_to_save(self.model, config.modules_to_save or [])
+        variant = selected_variant(config)
+        check_targets(config, [(name, unwrapped(module)) for name, module in targets])
         for name, module in targets:
-            for check in TARGET_CHECKS:
-                check(config, name, module.base_layer if isinstance(module, LoraLayer) else module)
-        for name, module in targets:
-            layer = module if isinstance(module, LoraLayer) else _replace(self.model, name, find_kind(module).wrap(module))
+            layer = module if isinstance(module, LoraLayer) else self._wrap_at(name, module)
             layer.create(adapter_name, config.rank_for(name), config.scaling_for(name),
-                         config.lora_dropout, config.init_lora_weights, weights_cls=variant)
+                         config.lora_dropout, config.init_lora_weights, variant=variant)
         for name, module in saved:
-            wrapper = module if isinstance(module, ModulesToSave) else _replace(self.model, name, ModulesToSave(module))
+            wrapper = module if isinstance(module, ModulesToSave) else self._wrap_at(name, ModulesToSave(module))
             wrapper.add(adapter_name)
         self.peft_config[adapter_name] = config
         self._update_trainable()
 
+    def _wrap_at(self, path: str, module: nn.Module) -> nn.Module:
+        wrapper = module if isinstance(module, ModulesToSave) else find_kind(module).wrap(module)
+        wrapper.router = self.router
+        return replace_module(self.model, path, wrapper)
+
     def add_adapter_weights(self, adapter_name: str, config: LoraConfig, weights: dict[str, LoraWeights]) -> None:
         """Add adapter `adapter_name` with ready-made factors {module path: LoraWeights}
         (combination, conversion); `config` describes them for saving."""
-        if adapter_name in self.peft_config:
-            raise AdapterError(f"an adapter named {adapter_name!r} already exists; delete_adapter() it first")
+        self._check_new_name(adapter_name)
         layers = dict(self.lora_layers())
         missing = [path for path in weights if path not in layers]
         if missing:
@@ -129,24 +126,29 @@ class LoraModel(nn.Module):
         self.peft_config[adapter_name] = copy.deepcopy(config)
         self._update_trainable()
 
-    def combine(self, weights: dict[str, float], name: str, method: str = "cat", rank: Optional[int] = None):
-        """Add adapter `name` ≈ Σ w_i · adapter_i (see `lorafit.combine`); returns a CombineReport."""
-        from .combine import combine
+    def _check_new_name(self, adapter_name: str) -> None:
+        if not isinstance(adapter_name, str) or not _ADAPTER_NAME.fullmatch(adapter_name):
+            raise AdapterError(
+                f"adapter name {adapter_name!r} is invalid: use letters, digits, '_' and '-' only")
+        if adapter_name in self.peft_config:
+            raise AdapterError(f"an adapter named {adapter_name!r} already exists; delete_adapter() it first")
 
-        return combine(self, weights, name, method=method, rank=rank)
+    def combine(self, weights: dict[str, float], name: str, method: str = "cat", **options) -> CombineReport:
+        """Add adapter `name` ≈ Σ w_i · adapter_i (see `lorafit.combine`); returns a CombineReport."""
+        return combine(self, weights, name, method=method, **options)
 
     def set_adapter(self, adapter_name: Union[str, Sequence[str]]) -> None:
         """Make `adapter_name` (or several, whose updates add up) the active adapter(s)."""
         names = (adapter_name,) if isinstance(adapter_name, str) else tuple(adapter_name)
         for name in names:
-            self._check_known(name)
+            self.check_adapter(name)
         self._active = names
         for _, layer in self.wrappers():
             layer.active = names
         self._update_trainable()
 
     def delete_adapter(self, adapter_name: str) -> None:
-        self._check_known(adapter_name)
+        self.check_adapter(adapter_name)
         for _, layer in self.wrappers():
             if isinstance(layer, LoraLayer) and adapter_name in layer.lora:
                 layer.remove(adapter_name)
@@ -155,10 +157,6 @@ class LoraModel(nn.Module):
         del self.peft_config[adapter_name]
         self._active = tuple(a for a in self._active if a != adapter_name)
         self._update_trainable()
-
-    def _check_known(self, name: Optional[str]) -> None:
-        if name not in self.peft_config:
-            raise AdapterError(f"unknown adapter {name!r}; this model has {self.adapter_names}")
 
     def wrappers(self) -> Iterator[tuple[str, Union[LoraLayer, ModulesToSave]]]:
         """Every LoRA layer and modules-to-save wrapper, with its module path in the base model."""
@@ -186,7 +184,7 @@ class LoraModel(nn.Module):
             if self._trains(adapter) and bias != "none":
                 for name, param in self.model.named_parameters():
                     lora_bias = name.endswith("base_layer.bias")
-                    if name.endswith("bias") and (bias == "all" or lora_bias):
+                    if name.endswith("bias") and ".lora." not in name and (bias == "all" or lora_bias):
                         param.requires_grad_(True)
 
     def _trains(self, adapter: str) -> bool:
@@ -211,8 +209,7 @@ class LoraModel(nn.Module):
         """
         names = list(self._active if adapter_names is None else adapter_names)
         for name in names:
-            self._check_known(name)
-        layers = [layer for _, layer in self.lora_layers()]
+            self.check_adapter(name)
         self._untie_merge_targets(names)
         if safe:
             for module_name, layer in self.lora_layers():
@@ -220,7 +217,7 @@ class LoraModel(nn.Module):
                     if name in layer.lora and name not in layer.merged and not _finite(layer.lora[name]):
                         raise MergeError(f"adapter {name!r} has NaN/Inf in its update of {module_name!r}; "
                                          "no weights were changed")
-        for layer in layers:
+        for _, layer in self.lora_layers():
             layer.merge(names)
 
     def _untie_merge_targets(self, names: Sequence[str]) -> None:
@@ -252,8 +249,6 @@ class LoraModel(nn.Module):
         With `dequantize`, quantised (bitsandbytes) layers first become full-precision nn.Linear
         layers holding their dequantised weights, so the merge is exact (`lorafit.quant`)."""
         if dequantize:
-            from .quant import dequantize_model
-
             dequantize_model(self.model)
         self.merge(adapter_names, safe=safe)
         return self.unload()
@@ -263,48 +258,50 @@ class LoraModel(nn.Module):
         a modules-to-save wrapper leaves the active adapter's copy in place)."""
         for name, layer in list(self.wrappers()):
             plain = layer.base_layer if isinstance(layer, LoraLayer) else layer.current()
-            _replace(self.model, name, plain)
+            replace_module(self.model, name, plain)
         self.peft_config.clear()
         self._active = ()
         return self.model
 
+    # -- routing ---------------------------------------------------------------------------------
+
     @contextlib.contextmanager
     def disable_adapter(self):
-        """Run the plain base model inside the block (merged adapters are unmerged meanwhile)."""
+        """Run the plain base model inside the block (merged adapters are unmerged meanwhile).
+        Nests, and is per thread for unmerged models (see the module docstring)."""
         merged = self.merged_adapters
         self.unmerge()
         try:
-            with self._on_every_wrapper("disabled", True, False):
+            with self.router.using(disabled=True):
                 yield
         finally:
             if merged:
                 self.merge(merged)
 
-    # -- running -------------------------------------------------------------------------------
-
     @contextlib.contextmanager
     def adapter_rows(self, adapter_names: Optional[Sequence[Optional[str]]]):
-        """Within the block, row i of every batch uses adapter ``adapter_names[i]`` (None = base)."""
+        """Within the block, row i of every batch uses adapter ``adapter_names[i]`` (None = base);
+        ``None`` leaves the route as it is."""
         if adapter_names is None:
             yield
             return
         for name in adapter_names:
             if name is not None:
-                self._check_known(name)
-        with self._on_every_wrapper("rows", RowAdapters(adapter_names), None):
+                self.check_adapter(name)
+        with self.router.using(rows=RowAdapters(adapter_names), disabled=False):
             yield
 
     @contextlib.contextmanager
-    def _on_every_wrapper(self, attribute: str, value, reset):
-        """Set `attribute` on every LoRA layer and modules-to-save wrapper for the block."""
-        wrappers = [layer for _, layer in self.wrappers()]
-        for layer in wrappers:
-            setattr(layer, attribute, value)
-        try:
+    def using_adapter(self, adapter_name: Union[str, Sequence[str]]):
+        """Within the block, `adapter_name` (one or several) is active for this thread; the
+        active set of `set_adapter` (and which adapters train) is unchanged."""
+        names = (adapter_name,) if isinstance(adapter_name, str) else tuple(adapter_name)
+        for name in names:
+            self.check_adapter(name)
+        with self.router.using(active=names, disabled=False):
             yield
-        finally:
-            for layer in wrappers:
-                setattr(layer, attribute, reset)
+
+    # -- running -------------------------------------------------------------------------------
 
     def forward(self, *args, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 inputs_embeds=None, labels=None, past_key_values=None,
@@ -328,14 +325,11 @@ class LoraModel(nn.Module):
 
     def save_adapter(self, path, adapter_names: Optional[Sequence[str]] = None, **kwargs) -> list:
         """Save adapters in PEFT's format; returns the directories written (`adapter_files.save_adapter`)."""
-        from .adapter_files import save_adapter
-
-        return save_adapter(self, path, adapter_names=adapter_names, **kwargs)
+        return adapter_files.save_adapter(self, path, adapter_names=adapter_names, **kwargs)
 
     def load_adapter(self, path, adapter_name: str = "default", **kwargs) -> None:
-        from .adapter_files import load_adapter
-
-        load_adapter(self, path, adapter_name=adapter_name, **kwargs)
+        """Add the adapter in `path` (see `adapter_files.load_adapter`)."""
+        adapter_files.load_adapter(self, path, adapter_name=adapter_name, **kwargs)
 
 
 def wrap(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> LoraModel:
@@ -343,106 +337,29 @@ def wrap(model: nn.Module, config: LoraConfig, adapter_name: str = "default") ->
     return LoraModel(model, config, adapter_name)
 
 
+def load(model: nn.Module, path: PathLike, adapter_name: str = "default", *, trainable: bool = False,
+         strict: bool = False, allow_pickle: bool = False) -> LoraModel:
+    """Load the adapter in `path` onto `model` and activate it: ``lorafit.load(base, "out/")``.
+
+    `model` is a plain model (wrapped into a new `LoraModel`) or a `LoraModel` (the adapter is
+    added). Unless `trainable`, the adapter is frozen and the model is put in eval mode. With
+    `strict`, a base-model fingerprint mismatch is an error instead of a warning. If loading
+    fails, `model` is left unchanged (the file is checked against it before anything changes).
+    """
+    if isinstance(model, LoraModel):
+        adapter_files.check_new_name(model, adapter_name, replace=False)
+    root = model.model if isinstance(model, LoraModel) else model
+    checked = adapter_files.plan(root, read_adapter_dir(path, allow_pickle=allow_pickle), trainable=trainable,
+                                 strict=strict)
+    lora_model = model if isinstance(model, LoraModel) else LoraModel(model)
+    adapter_files.apply_new(lora_model, adapter_name, checked)
+    lora_model.set_adapter(adapter_name)
+    if not trainable:
+        lora_model.eval()
+    return lora_model
+
+
 def _finite(weights: LoraWeights) -> bool:
     """ΔW and every parameter of the adapter (e.g. DoRA's magnitude) are free of NaN/Inf."""
     return bool(torch.isfinite(weights.delta()).all()) and all(
         bool(torch.isfinite(p).all()) for p in weights.parameters())
-
-
-# -- targeting --------------------------------------------------------------------------------
-
-
-def _walk(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
-    """Named submodules, not descending into lorafit wrappers (they count as their base)."""
-    for child_name, child in module.named_children():
-        path = f"{prefix}.{child_name}" if prefix else child_name
-        yield path, child
-        if not isinstance(child, (LoraLayer, ModulesToSave)):
-            yield from _walk(child, path)
-
-
-def _kind_of(module: nn.Module):
-    return find_kind(module.base_layer if isinstance(module, LoraLayer) else module)
-
-
-def _selected(selector, name: str) -> bool:
-    """PEFT's matching: a string is a full regex match; a list entry is the exact name or a
-    dotted suffix of it."""
-    if isinstance(selector, str):
-        return re.fullmatch(selector, name) is not None
-    return any(name == key or name.endswith("." + key) for key in selector)
-
-
-def _layer_index(name: str, patterns: Optional[Sequence[str]]) -> Optional[int]:
-    for pattern in patterns or _LAYER_PATTERNS:
-        match = re.match(rf"(?:^|.*?\.){re.escape(pattern)}\.(\d+)(?:\.|$)", name)
-        if match:
-            return int(match.group(1))
-    return None
-
-
-def _output_head_names(model: nn.Module) -> set[str]:
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
-    return {name for name, module in model.named_modules() if head is not None and module is head} | (
-        set() if head is not None else {"lm_head"})
-
-
-def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
-    """The (name, module) pairs `config` selects. Raises `TargetError` when nothing matches,
-    listing the model's candidate module names."""
-    heads = _output_head_names(model) if config.target_modules == ALL_LINEAR else set()
-    saved = config.modules_to_save or []
-    targets = []
-    for name, module in _walk(model):
-        kind = _kind_of(module)
-        if kind is None or isinstance(module, ModulesToSave):
-            continue
-        if config.target_modules == ALL_LINEAR:
-            if not kind.linear or name in heads:
-                continue
-        elif not _selected(config.target_modules, name):
-            continue
-        if config.exclude_modules and _selected(config.exclude_modules, name):
-            continue
-        if any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in saved):
-            continue
-        if config.layers_to_transform is not None and \
-                _layer_index(name, config.layers_pattern) not in config.layers_to_transform:
-            continue
-        targets.append((name, module))
-    if not targets:
-        raise TargetError(
-            f"target_modules={config.target_modules!r} matches no supported module of "
-            f"{type(model).__name__}; candidates: {', '.join(candidate_names(model)) or '(none)'}")
-    return targets
-
-
-def candidate_names(model: nn.Module) -> list[str]:
-    """Distinct last name components of every module LoRA can wrap."""
-    return list(dict.fromkeys(name.rsplit(".", 1)[-1] for name, module in _walk(model)
-                              if _kind_of(module) is not None))
-
-
-def _find_modules_to_save(model: nn.Module, keys: Sequence[str]) -> list[tuple[str, nn.Module]]:
-    found = [(name, module) for name, module in _walk(model) if _selected(list(keys), name)] if keys else []
-    missing = [k for k in keys if not any(n == k or n.endswith("." + k) for n, _ in found)]
-    if missing:
-        raise TargetError(f"modules_to_save entries {missing} match no module of {type(model).__name__}")
-    return found
-
-
-def _default_targets(model: nn.Module) -> list[str]:
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type in DEFAULT_TARGETS:
-        return list(DEFAULT_TARGETS[model_type])
-    raise ConfigError(
-        f"LoraConfig.target_modules is not set and there is no default for model type {model_type!r}; "
-        f"choose from: {', '.join(candidate_names(model))}, or use 'all-linear'")
-
-
-def _replace(root: nn.Module, path: str, new: nn.Module) -> nn.Module:
-    parent_path, _, child = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
-    setattr(parent, child, new)
-    return new
