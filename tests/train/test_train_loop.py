@@ -1,12 +1,16 @@
 """The training loop in process: losses, schedule, LoRA+, accumulation, checkpoints, exact resume,
 early stopping, precision and gradient checkpointing, classification heads."""
 
+import io
 import json
 import math
+import re
 import shutil
+import time
 
 import pytest
 import torch
+import yaml
 
 import lorafit
 from lorafit.data import IGNORE_INDEX
@@ -18,6 +22,7 @@ from lorafit.train.config import TrainConfig, run_config
 from lorafit.train.losses import causal_lm_loss, causal_lm_targets, classification_loss
 from lorafit.train.modeling import head_modules, read_labels, resolve_dtype
 from lorafit.train.optim import lr_factor, param_groups
+from lorafit.train.progress import Progress
 from lorafit.train.trainer import resume, train
 
 
@@ -110,21 +115,65 @@ def test_checkpoints_keep_the_last_k_and_hold_the_data_position(tmp_path, tiny_c
     assert not list((run / "checkpoints" / "step-6").glob("*.pt"))  # nothing to unpickle
 
 
-def test_a_run_directory_in_use_is_refused(tmp_path, tiny_config):
+def test_a_run_directory_with_files_of_its_own_is_refused(tmp_path, tiny_config):
     run = tmp_path / "run"
     run.mkdir()
     (run / "notes.txt").write_text("mine")
-    with pytest.raises(lorafit.ConfigError, match="is not empty.*--resume"):
+    with pytest.raises(lorafit.ConfigError, match=r"is not empty \(it holds notes.txt\): choose another output.dir"):
         train(run_config(tiny_config(run)))
 
 
-def test_early_stopping_counts_evaluations_without_improvement(tmp_path, tiny_config, monkeypatch):
+def test_a_failed_start_leaves_nothing_in_the_way_of_the_rerun(tmp_path, tiny_config):
+    run = tmp_path / "run"
+    for broken, error in (({"data": {"train_file": str(tmp_path / "missing.jsonl")}}, "missing.jsonl"),
+                          ({"lora": {"target_modules": ["nope_proj"]}}, "nope_proj")):
+        with pytest.raises(lorafit.errors.LorafitError, match=error):
+            train(run_config(tiny_config(run, **broken)))
+        assert not any(run.iterdir())  # created (a path that cannot be one fails early), never claimed
+    assert train(run_config(tiny_config(run, train={"max_steps": 1})))["steps"] == 1
+
+
+def test_a_run_without_checkpoints_is_replaced_and_one_with_checkpoints_needs_resume(tmp_path, tiny_config):
+    run = tmp_path / "run"
+    diverging = {"lr": 1e37, "warmup_steps": 0, "max_steps": 3}
+    with pytest.raises(TrainingError, match="diverged"):
+        train(run_config(tiny_config(run, train=diverging)))
+    assert (run / "config.yaml").is_file() and not list_checkpoints(run)
+    summary = train(run_config(tiny_config(run, train={"max_steps": 2, "save_every": 1})))
+    assert summary["steps"] == 2
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["lr"] == 1e-2  # the new run's config
+    (run / "adapter").rename(tmp_path / "moved")  # checkpoints alone still hold the run
+    with pytest.raises(lorafit.ConfigError, match=rf"holds a run with checkpoints \(the latest: step 2\): continue "
+                                                  rf"it with `lorafit train --resume {run}`"):
+        train(run_config(tiny_config(run)))
+
+
+def test_a_resumed_run_names_the_base_model_as_the_user_gave_it(tmp_path, tiny_config, tiny_dir, monkeypatch):
+    monkeypatch.chdir(tiny_dir.parent)
+    run = tmp_path / "run"
+    train(run_config(tiny_config(run, model={"name_or_path": tiny_dir.name}, train={"max_steps": 2, "save_every": 1})))
+    first = json.loads((run / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    shutil.rmtree(run / "adapter")
+    shutil.rmtree(run / "checkpoints" / "step-2")
+    resume(run)
+    again = json.loads((run / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert first == again == tiny_dir.name
+
+
+def test_early_stopping_counts_evaluations_without_improvement_and_keeps_the_best_adapter(tmp_path, tiny_config,
+                                                                                          monkeypatch, capsys):
     losses = iter([3.0, 2.0, 2.5, 2.1, 2.2, 1.0, 0.5])
     monkeypatch.setattr(trainer_module, "evaluate", lambda *a, **k: {"loss": next(losses), "perplexity": 1.0})
-    summary = train(run_config(tiny_config(tmp_path / "run", train={
-        "max_steps": 12, "eval_every": 1, "early_stopping_patience": 3})))
+    run = tmp_path / "run"
+    summary = train(run_config(tiny_config(run, train={
+        "max_steps": 12, "eval_every": 1, "early_stopping_patience": 3, "save_every": 1, "keep_last": 10})))
     assert summary["status"] == "early_stopped" and summary["steps"] == 5
-    assert summary["best"] == {"metric": "loss", "value": 2.0, "step": 2}
+    assert summary["best"] == {"metric": "loss", "value": 2.0, "step": 2} and summary["adapter_step"] == 2
+    assert "best eval loss 2.0 at step 2: the adapter is that step's" in capsys.readouterr().out
+    final, at_best, last = (_trained(d) for d in (run, run / "checkpoints" / "step-2", run / "checkpoints" / "step-5"))
+    assert all(torch.equal(final[k], at_best[k]) for k in final)
+    assert not all(torch.equal(final[k], last[k]) for k in final)
+    assert not list((run / "checkpoints").glob("best-step-*"))
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])
@@ -206,21 +255,48 @@ def test_tensorboard_is_optional(tmp_path, tiny_config, capsys):
         assert "the tensorboard package is not installed" in capsys.readouterr().err
 
 
-def test_the_progress_bar_shows_only_on_a_terminal():
-    import io
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
 
-    from lorafit.train.progress import Progress
 
-    class Terminal(io.StringIO):
-        def isatty(self):
-            return True
+def test_progress_is_a_bar_on_a_terminal_and_log_lines_elsewhere():
+    terminal = _Terminal()
+    bar = Progress(10, stream=terminal, log_every=2)
+    bar.update(3, 1.25, 2e-4, 1000.0)
+    bar.close()
+    assert "3/10" in terminal.getvalue() and "loss 1.2500" in terminal.getvalue()
+    assert "step 3/10" not in terminal.getvalue()
 
-    for stream, shown in ((Terminal(), True), (io.StringIO(), False)):
-        bar = Progress(10, stream=stream)
-        bar.update(3, 1.25, 2e-4, 1000.0)
-        bar.close()
-        assert ("3/10" in stream.getvalue() and "loss 1.2500" in stream.getvalue()) is shown
-        assert bool(stream.getvalue()) is shown
+    plain = io.StringIO()
+    lines = Progress(5, stream=plain, log_every=2)
+    for step in range(1, 6):
+        lines.update(step, 1.0 / step, 2e-4, 1000.0)
+    lines.close()
+    out = plain.getvalue().splitlines()
+    assert [line.split(" (")[0] for line in out] == ["step 2/5", "step 4/5", "step 5/5"]  # every 2 steps, and the last
+    assert re.fullmatch(r"step 2/5 \(40%\): loss 0\.5000, lr 2\.00e-04, 1,000 tok/s, elapsed \d+s, ETA \d+s", out[0])
+    assert out[2].endswith("ETA 0s")
+
+
+def test_progress_lines_keep_coming_while_a_step_takes_long():
+    plain = io.StringIO()
+    progress = Progress(10, stream=plain, log_every=5, interval_s=0.05)
+    progress.update(1, 2.0, 1e-3, 10.0)  # no line: not a multiple of log_every
+    time.sleep(0.5)  # ~10 intervals
+    progress.close()
+    lines = plain.getvalue().splitlines()
+    assert len(lines) >= 2 and all(line.startswith("step 1/10 (10%): loss 2.0000, lr 1.00e-03") for line in lines)
+    time.sleep(0.1)
+    assert plain.getvalue().splitlines() == lines  # closed: the thread is gone
+
+
+def test_a_run_without_a_terminal_logs_progress_lines(tmp_path, tiny_config, capsys):
+    train(run_config(tiny_config(tmp_path / "run", train={"max_steps": 4, "log_every": 2})))
+    out = capsys.readouterr().out
+    assert re.search(r"^step 2/4 \(50%\): loss \d\.\d{4}, lr ", out, re.MULTILINE)
+    assert re.search(r"^step 4/4 \(100%\): loss .* ETA 0s$", out, re.MULTILINE)
+    assert "step 1/4" not in out and "step 3/4" not in out
 
 
 def test_hidden_state_loss_equals_the_logits_loss_in_value_and_gradient():

@@ -11,6 +11,10 @@ Layout of ``RUN_DIR/checkpoints/step-N/``:
   parameter groups and scalar state, scheduler and grad-scaler state, Python's (and numpy's,
   when loaded) RNG state.
 
+Under early stopping, ``RUN_DIR/checkpoints/best-step-N/`` holds the adapter of step N, the best
+evaluation so far by the watched metric; the run ends by making it ``RUN_DIR/adapter``. Older ones
+are deleted once no checkpoint's `TrainState.best_step` names them.
+
 Parameters and optimizer state are whole (a multi-process run keeps the trainable parameters
 unsharded, see `distributed`), so a checkpoint resumes with any number of processes.
 
@@ -29,7 +33,7 @@ import shutil
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 from safetensors import SafetensorError
@@ -124,6 +128,20 @@ def save_checkpoint(run_dir: Path, state: TrainState, model, optimizer, schedule
     for _, old in list_checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def best_adapter_dir(run_dir: Path, step: int) -> Path:
+    """Where the adapter of step `step`, the best evaluation so far, is kept until the run ends."""
+    return run_dir / CHECKPOINTS / f"best-step-{step}"
+
+
+def prune_best_adapters(run_dir: Path, keep: Iterable[Optional[int]]) -> None:
+    """Delete the kept best adapters (`best_adapter_dir`) of steps not in `keep`."""
+    kept = {best_adapter_dir(run_dir, step).name for step in keep if step is not None}
+    root = run_dir / CHECKPOINTS
+    for path in root.glob("best-step-*") if root.is_dir() else ():
+        if path.name not in kept:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def read_train_state(path: Path) -> TrainState:

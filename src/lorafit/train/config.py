@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Literal, Optional, Sequence
 
+from ..atomic import atomic_write_text
 from ..config import LoraConfig
 from ..data import DataConfig
 from ..errors import ConfigError
@@ -238,17 +239,20 @@ def load_run_config(path: os.PathLike | str, overrides: Iterable[str] = ()) -> R
 def save_run_config(cfg: RunConfig, path: os.PathLike | str) -> None:
     import yaml
 
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def resolved(cfg: RunConfig) -> RunConfig:
-    """`cfg` as a run records it: ``task`` decided and local paths absolute (a copy)."""
+    """`cfg` as a run records it (a copy): ``task`` decided, local paths absolute, and
+    ``lora.base_model_name_or_path`` (what adapter_config.json names) the model as the user gave
+    it, so an adapter written after a resume names the base as one written by the first run."""
     def absolute(value: Optional[str]) -> Optional[str]:
         return str(Path(value).resolve()) if value is not None and Path(value).exists() else value
 
     return dataclasses.replace(
         cfg,
         model=dataclasses.replace(cfg.model, task=cfg.task, name_or_path=absolute(cfg.model.name_or_path)),
+        lora=cfg.lora.replace(base_model_name_or_path=cfg.lora.base_model_name_or_path or cfg.model.name_or_path),
         data=dataclasses.replace(cfg.data, train_file=absolute(cfg.data.train_file),
                                  eval_file=absolute(cfg.data.eval_file)),
         output=dataclasses.replace(cfg.output, dir=str(Path(cfg.output.dir).resolve())),

@@ -24,6 +24,7 @@ import io
 import math
 import os
 import random
+import shutil
 import signal
 import threading
 import time
@@ -36,8 +37,9 @@ from ..atomic import atomic_write_json
 from ..data import DataReport, batch_plan, collate, load_dataset_splits
 from ..errors import ConfigError, TrainingError
 from . import distributed
-from .checkpoints import (TrainState, latest_checkpoint, load_checkpoint, read_train_state, remove_partial,
-                          save_checkpoint, torch_rng)
+from .checkpoints import (CHECKPOINTS, TrainState, best_adapter_dir, latest_checkpoint, list_checkpoints,
+                          load_checkpoint, prune_best_adapters, read_train_state, remove_partial, save_checkpoint,
+                          torch_rng)
 from .config import METRIC_GOALS, RunConfig, load_run_config, resolved, save_run_config
 from .evaluation import evaluate, summed_loss
 from .losses import LOSSES
@@ -47,6 +49,8 @@ from .optim import build_optimizer, build_scheduler
 from .progress import Progress
 
 CONFIG_FILE = "config.yaml"
+# What a run writes before its first checkpoint: a directory holding only these has nothing to resume.
+UNSAVED_RUN_FILES = (CONFIG_FILE, "metrics.jsonl", "tensorboard", CHECKPOINTS)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -59,14 +63,19 @@ class TrainingInterrupted(TrainingError):
 
 
 def train(cfg: RunConfig) -> dict[str, Any]:
-    """Run `cfg` from scratch in the new (or empty) directory ``cfg.output.dir``; return the summary.
+    """Run `cfg` from scratch in the directory ``cfg.output.dir``; return the summary.
 
-    Under ``torchrun --max-restarts``, a restarted attempt finds the directory its predecessor
+    The directory must be new, empty, or left by a run that wrote no checkpoint; it is claimed
+    (its config.yaml written) only once the data and the model have loaded, so a run that fails
+    to start leaves nothing in the way of the next try. Under ``torchrun --max-restarts``, a restarted attempt finds the directory its predecessor
     left and resumes it (when the config is the same)."""
     with distributed.session(cfg.train) as group:
-        restarted = group.from_main(lambda: _claim_run_dir(cfg))
+        restarted = group.from_main(lambda: _check_run_dir(cfg))
         run_cfg = _saved_config(Path(cfg.output.dir)) if restarted else cfg
-        return Trainer(run_cfg, resume=restarted, group=group).run()
+        trainer = Trainer(run_cfg, resume=restarted, group=group)
+        if not restarted:  # the data and the model loaded: the directory is this run's now
+            group.from_main(lambda: _claim_run_dir(cfg))
+        return trainer.run()
 
 
 def resume(run_dir: Path | str) -> dict[str, Any]:
@@ -85,21 +94,50 @@ def _saved_config(run_dir: Path) -> RunConfig:
     return dataclasses.replace(cfg, output=dataclasses.replace(cfg.output, dir=str(run_dir)))
 
 
-def _claim_run_dir(cfg: RunConfig) -> bool:
-    """Create the run directory of `cfg` with its config; True instead when it is an elastic
+def _check_run_dir(cfg: RunConfig) -> bool:
+    """(Rank 0, before anything loads.) Make ``cfg.output.dir`` ready for a new run: create it, or
+    clear the records of a run that stopped before its first checkpoint; a directory with
+    checkpoints, an adapter or other files is refused. True instead when it is an elastic
     restart's to resume (torchrun restarted the job and the directory holds the same run)."""
     run_dir = Path(cfg.output.dir)
     with _writing(run_dir):
-        if run_dir.exists() and any(run_dir.iterdir()):
+        entries = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
+        if entries:
             saved = run_dir / CONFIG_FILE
             if elastic_restart() and saved.is_file() and load_run_config(saved) == resolved(cfg):
                 print(f"elastic restart {elastic_restart()}: resuming {run_dir}")
                 return True
-            raise ConfigError(f"output.dir = {str(run_dir)!r} is not empty: continue that run with "
-                              f"`lorafit train --resume {run_dir}`, or choose another output.dir")
+            _clear_unsaved_run(run_dir, entries)
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_run_config(resolved(cfg), run_dir / CONFIG_FILE)
     return False
+
+
+def _clear_unsaved_run(run_dir: Path, entries: list[str]) -> None:
+    """Delete `entries` of `run_dir` when they are only what a run writes before its first
+    checkpoint (nothing to resume); otherwise refuse the directory."""
+    checkpoints = list_checkpoints(run_dir)
+    if checkpoints:
+        raise ConfigError(f"output.dir = {str(run_dir)!r} holds a run with checkpoints (the latest: step "
+                          f"{checkpoints[-1][0]}): continue it with `lorafit train --resume {run_dir}`, or "
+                          f"choose another output.dir")
+    others = [name for name in entries if name not in UNSAVED_RUN_FILES]
+    if others:
+        raise ConfigError(f"output.dir = {str(run_dir)!r} is not empty (it holds {', '.join(others[:4])}"
+                          f"{', ...' if len(others) > 4 else ''}): choose another output.dir")
+    print(f"{run_dir}: clearing {', '.join(entries)} of a run that stopped before its first checkpoint")
+    for name in entries:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def _claim_run_dir(cfg: RunConfig) -> None:
+    """(Rank 0, once training can start.) Record the run's config in its directory."""
+    run_dir = Path(cfg.output.dir)
+    with _writing(run_dir):
+        save_run_config(resolved(cfg), run_dir / CONFIG_FILE)
 
 
 def elastic_restart() -> int:
@@ -196,7 +234,8 @@ class Trainer:
         self._announce()
         if cfg.eval_on_start and state.step == 0 and self.eval_set is not None:
             self._print(self._evaluate())
-        progress = Progress(self.total, initial=state.step, stream=None if self.main else io.StringIO())
+        progress = Progress(self.total, initial=state.step, stream=None if self.main else io.StringIO(),
+                            log_every=cfg.log_every, elapsed_s=state.elapsed_s)
         try:
             with self._stop_signals():
                 plan, plan_epoch = None, None
@@ -350,9 +389,27 @@ class Trainer:
                                             else value > state.best)
             if better:
                 state.best, state.best_step, state.bad_evals = value, state.step, 0
+                self._keep_best()
             else:
                 state.bad_evals += 1
         return f"step {state.step}: eval " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+
+    def _keep_best(self) -> None:
+        """Save this step's adapter, the best so far by the early-stopping metric, for the end of
+        the run (rank 0, while the others wait); drop the older best ones that no checkpoint needs."""
+        path = best_adapter_dir(self.run_dir, self.state.step)
+
+        def write() -> None:
+            with _writing(path):
+                self._save_adapter(path)
+            prune_best_adapters(self.run_dir, (self.state.step, self._checkpoint_best()))
+
+        with distributed.whole_base_weights(self.model, self.group):
+            self.group.from_main(write)
+
+    def _checkpoint_best(self) -> Optional[int]:
+        """The best step the latest checkpoint records (a resume from it needs that adapter)."""
+        return read_train_state(self.checkpoint).best_step if self.checkpoint is not None else None
 
     def _early_stopped(self) -> bool:
         patience = self.cfg.train.early_stopping_patience
@@ -406,12 +463,16 @@ class Trainer:
             self.checkpoint = self.group.from_main(lambda: save_checkpoint(
                 self.run_dir, state, self.model, self.optimizer, self.scheduler, self.scaler,
                 self.cfg.train.keep_last, self._save_adapter, rng))
+        if self.main:  # a resume from this checkpoint needs only its best step's adapter
+            prune_best_adapters(self.run_dir, (self.state.best_step,))
 
     def _resume_point(self) -> Optional[Path]:
         """(Rank 0) The checkpoint to resume from, after clearing what a killed run left half done."""
         remove_partial(self.run_dir)
         checkpoint = latest_checkpoint(self.run_dir)
-        step = read_train_state(checkpoint).step if checkpoint is not None else None
+        saved = read_train_state(checkpoint) if checkpoint is not None else TrainState()
+        step = saved.step if checkpoint is not None else None
+        prune_best_adapters(self.run_dir, (saved.best_step,))  # those of later steps were never reached
         print(f"resuming {self.run_dir} from "
               f"{f'step {step}' if checkpoint is not None else 'the start (no checkpoint yet)'}")
         with _writing(self.run_dir):
@@ -444,8 +505,15 @@ class Trainer:
         return summary
 
     def _write_results(self) -> dict[str, Any]:
+        """The run's adapter (under early stopping, that of the best evaluation), metrics and summary."""
         adapter = self.run_dir / "adapter"
-        self._save_adapter(adapter)
+        best = self.state.best_step
+        if best is not None and best_adapter_dir(self.run_dir, best).is_dir():
+            with _writing(adapter):
+                best_adapter_dir(self.run_dir, best).rename(adapter)
+        else:
+            self._save_adapter(adapter)
+        prune_best_adapters(self.run_dir, ())
         self.metrics.close()
         records = read_metrics(self.run_dir / "metrics.jsonl")
         summary = self._summary(records, adapter)
@@ -482,6 +550,7 @@ class Trainer:
         if cfg.early_stopping_patience is not None:
             summary["best"] = {"metric": cfg.early_stopping_metric, "value": state.best,
                                "step": state.best_step}
+        summary["adapter_step"] = state.best_step if state.best_step is not None else state.step
         return summary
 
 
@@ -499,7 +568,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append("  eval " + ", ".join(f"{k} {v:.4f}" for k, v in summary["eval"].items()))
     if "best" in summary:
         best = summary["best"]
-        lines.append(f"  best eval {best['metric']} {best['value']} at step {best['step']}")
+        lines.append(f"  best eval {best['metric']} {best['value']} at step {best['step']}: the adapter is "
+                     f"that step's")
     lines.append(f"  trainable {summary['trainable_params']:,} of {summary['total_params']:,} parameters; "
                  f"adapter {summary['adapter_bytes'] / 1024:.1f} KiB")
     data = summary["data"]
