@@ -19,6 +19,7 @@ from torch import nn
 
 from ..layers import LoraLayer
 from ..quant import dequantize_weight, is_quantized_linear
+from .tensorfile import tensor_bytes
 
 SAMPLE = 1024
 
@@ -79,4 +80,4 @@ def _sample_bytes(weight: torch.Tensor) -> bytes:
     stride = flat.numel() // max(count, 1)
     index = torch.arange(count, device=flat.device) * stride
     values = flat[index].float().to(torch.bfloat16).view(torch.int16)
-    return values.cpu().numpy().tobytes()
+    return tensor_bytes(values)

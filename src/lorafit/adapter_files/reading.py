@@ -19,6 +19,7 @@ import torch
 
 from ..atomic import is_temp_file
 from ..errors import AdapterFileError
+from .tensorfile import tensor_bytes
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -101,9 +102,9 @@ def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
     """SHA-256 over every tensor's name, dtype, shape and bytes, in key order."""
     digest = hashlib.sha256()
     for key in sorted(tensors):
-        tensor = tensors[key].detach().contiguous().cpu()
+        tensor = tensors[key]
         digest.update(f"{key}|{tensor.dtype}|{list(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(tensor_bytes(tensor))
     return digest.hexdigest()
 
 
