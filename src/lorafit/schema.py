@@ -11,11 +11,14 @@ import dataclasses
 import difflib
 import types
 import typing
-from typing import Any, Mapping, TypeVar
+from typing import Any, Callable, Mapping, TypeVar
 
 from .errors import ConfigError
 
 T = TypeVar("T")
+
+# First characters of an override value written in YAML flow syntax: a list, a mapping, a quoted string.
+FLOW_STARTS = ("[", "{", '"', "'")
 
 
 def suggest(name: str, valid: typing.Iterable[str]) -> str:
@@ -66,93 +69,127 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
 
     Strings from the command line (``"2e-4"``, ``"true"``, ``"q_proj,v_proj"``) are parsed into
     the field's type; anything else of the wrong type is refused with the field's dotted name.
+    Each kind of type has one converter: `GENERIC_COERCERS` by ``typing.get_origin(tp)``
+    (unions, literals, lists, dicts), `SCALAR_COERCERS` by the type itself.
     """
     if tp is Any:
         return value
     origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        if isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args:
-            return None
-        if isinstance(value, str):
-            # Members are tried in an order fixed here, not the declared one (typing may hand back
-            # a cached equal Union with its members reordered): parsed scalars first ("true" ->
-            # bool), then the string itself ("all-linear"), then lists, unless the string is a
-            # comma list ("q_proj,v_proj"), which fills a list member first.
-            args = sorted(args, key=lambda arg: _string_preference(arg, value))
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return coerce(value, arg, where)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{where}: {value!r} fits none of {_type_name(tp)}")
-    if origin is typing.Literal:
-        allowed = typing.get_args(tp)
-        for option in allowed:
-            if value == option or (isinstance(value, str) and str(option) == value):
-                return option
-        raise ConfigError(f"{where}: {value!r} is not allowed; expected one of {list(allowed)}")
+    if origin in GENERIC_COERCERS:
+        return GENERIC_COERCERS[origin](value, tp, where)
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, where)
-    if origin in (list, tuple):
-        (item_tp, *_rest) = typing.get_args(tp) or (Any,)
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return [coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        key_tp, val_tp = typing.get_args(tp) or (Any, Any)
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return {coerce(k, key_tp, where): coerce(v, val_tp, f"{where}.{k}") for k, v in value.items()}
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if tp in SCALAR_COERCERS:
+        return SCALAR_COERCERS[tp](value, where)
     if isinstance(tp, type) and isinstance(value, tp):
         return value
     raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _coerce_union(value: Any, tp: Any, where: str) -> Any:
+    args = typing.get_args(tp)
+    if type(None) in args and (value is None or (isinstance(value, str) and value.lower() in ("none", "null"))):
+        return None
+    if isinstance(value, str):
+        # Members are tried in an order fixed here, not the declared one (typing may hand back
+        # a cached equal Union with its members reordered): parsed scalars first ("true" ->
+        # bool), then the string itself ("all-linear"), then lists, unless the string is a
+        # comma list ("q_proj,v_proj"), which fills a list member first.
+        args = sorted(args, key=lambda arg: _string_preference(arg, value))
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return coerce(value, arg, where)
+        except ConfigError:
+            continue
+    raise ConfigError(f"{where}: {value!r} fits none of {_type_name(tp)}")
 
 
 def _string_preference(tp: Any, value: str) -> int:
     if typing.get_origin(tp) in (list, tuple):
         return 0 if "," in value else 2
     return 1 if tp is str else 0
+
+
+def _coerce_literal(value: Any, tp: Any, where: str) -> Any:
+    allowed = typing.get_args(tp)
+    for option in allowed:
+        if value == option or (isinstance(value, str) and str(option) == value):
+            return option
+    raise ConfigError(f"{where}: {value!r} is not allowed; expected one of {list(allowed)}")
+
+
+def _coerce_list(value: Any, tp: Any, where: str) -> list[Any]:
+    (item_tp, *_rest) = typing.get_args(tp) or (Any,)
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{where}: expected a list, got {value!r}")
+    return [coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+
+
+def _coerce_dict(value: Any, tp: Any, where: str) -> dict[Any, Any]:
+    key_tp, val_tp = typing.get_args(tp) or (Any, Any)
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+    return {coerce(k, key_tp, where): coerce(v, val_tp, f"{where}.{k}") for k, v in value.items()}
+
+
+def _to_bool(value: Any, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+        return value.lower() in ("true", "1", "yes")
+    raise ConfigError(f"{where}: expected true or false, got {value!r}")
+
+
+def _to_int(value: Any, where: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            pass
+    raise ConfigError(f"{where}: expected an integer, got {value!r}")
+
+
+def _to_float(value: Any, where: str) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise ConfigError(f"{where}: expected a number, got {value!r}")
+
+
+def _to_str(value: Any, where: str) -> str:
+    if isinstance(value, str):
+        return value
+    raise ConfigError(f"{where}: expected a string, got {value!r}")
+
+
+# typing.get_origin(tp) -> converter(value, tp, where)
+GENERIC_COERCERS: dict[Any, Callable[[Any, Any, str], Any]] = {
+    typing.Union: _coerce_union,
+    types.UnionType: _coerce_union,
+    typing.Literal: _coerce_literal,
+    list: _coerce_list,
+    tuple: _coerce_list,
+    dict: _coerce_dict,
+}
+# scalar type -> converter(value, where)
+SCALAR_COERCERS: dict[type, Callable[[Any, str], Any]] = {
+    bool: _to_bool,
+    int: _to_int,
+    float: _to_float,
+    str: _to_str,
+}
 
 
 def _type_name(tp: Any) -> str:
@@ -162,7 +199,9 @@ def _type_name(tp: Any) -> str:
 def apply_overrides(data: dict[str, Any], overrides: typing.Iterable[str]) -> dict[str, Any]:
     """Apply CLI overrides ``a.b.c=value`` to nested plain `data` (a new dict is returned).
 
-    Values stay strings here; `from_dict` converts them with the field's declared type.
+    A value that starts like YAML flow syntax (``[q_proj, v_proj]``, ``{q_proj: 8}``, a quoted
+    string) is read as YAML, so it means what the same text means in the config file. Other
+    values stay strings here; `from_dict` converts them with the field's declared type.
     """
     result = _deep_copy(data)
     for item in overrides:
@@ -178,8 +217,22 @@ def apply_overrides(data: dict[str, Any], overrides: typing.Iterable[str]) -> di
             if not isinstance(child, dict):
                 raise ConfigError(f"override {item!r}: {part!r} is not a section")
             node = child
-        node[parts[-1]] = value
+        node[parts[-1]] = parse_override_value(value, item)
     return result
+
+
+def parse_override_value(value: str, item: str) -> Any:
+    """`value` of the override `item`: YAML when it starts with one of `FLOW_STARTS`, else the string."""
+    if not value.strip().startswith(FLOW_STARTS):
+        return value
+    import yaml  # only a CLI override in flow syntax needs it: the [train] extra
+
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {item!r}: not valid YAML flow syntax ({' '.join(str(exc).split())}); "
+                          f"write a list as [a, b], a mapping as {{a: 1}}, and quote a plain string "
+                          f"that starts with a bracket or quote") from None
 
 
 def _deep_copy(data: Any) -> Any:

@@ -86,7 +86,22 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
 
     app = FastAPI(title="lorafit serve", lifespan=lifespan, docs_url=None, redoc_url=None)
     api = _Api(engine, settings)
-    started = int(time.time())
+    _add_error_handlers(app)
+    _add_guard(app, settings)
+    _add_model_routes(app, api)
+    _add_generation_routes(app, api)
+    _add_adapter_routes(app, api)
+
+    @app.get("/")
+    async def page():
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every failure answers in OpenAI's error shape (`as_api_error`); unknown ones are logged."""
 
     @app.exception_handler(LorafitError)
     async def on_refusal(request: HttpRequest, exc: LorafitError):
@@ -112,6 +127,10 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
         log.exception("unhandled error")
         return error_response(exc)
 
+
+def _add_guard(app: FastAPI, settings: ServeSettings) -> None:
+    """``/v1/`` requests need the API key (when one is set) and a body of at most ``max_request_bytes``."""
+
     @app.middleware("http")
     async def guard(request: HttpRequest, call_next):
         if request.url.path.startswith("/v1/"):
@@ -125,26 +144,30 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
                     413, f"request body over {settings.max_request_bytes} bytes", code="request_too_large"))
         return await call_next(request)
 
+
+def _add_model_routes(app: FastAPI, api: "_Api") -> None:
+    """``/health`` and the model list: the base model, then one card per adapter."""
+    base_name = api.settings.base_name
+
     @app.get("/health")
     async def health():
-        if not engine.alive:
+        if not api.engine.alive:
             raise ApiError(503, "the engine has stopped", "server_error")
         return {"status": "ok"}
 
-    def card(name: str, parent: str | None) -> dict[str, Any]:
-        return {"id": name, "object": "model", "created": started, "owned_by": "lorafit", "parent": parent}
-
     @app.get("/v1/models")
     async def models():
-        cards = [card(settings.base_name, None)]
-        cards += [card(name, settings.base_name) for name in api.adapter_names()]
+        cards = [api.card(base_name, None)]
+        cards += [api.card(name, base_name) for name in api.adapter_names()]
         return {"object": "list", "data": cards}
 
     @app.get("/v1/models/{model}")
     async def model_card(model: str):
         adapter = api.adapter_for(model)
-        return card(settings.base_name, None) if adapter is None else card(adapter, settings.base_name)
+        return api.card(base_name, None) if adapter is None else api.card(adapter, base_name)
 
+
+def _add_generation_routes(app: FastAPI, api: "_Api") -> None:
     @app.post("/v1/completions")
     async def completions(body: CompletionBody):
         return await api.generate(body, COMPLETION, lambda: api.completion_prompts(body))
@@ -153,25 +176,22 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
     async def chat_completions(body: ChatBody):
         return await api.generate(body, CHAT, lambda: [api.chat_prompt(body)])
 
+
+def _add_adapter_routes(app: FastAPI, api: "_Api") -> None:
+    """Adapters added and removed while serving; the engine thread does the work."""
+
     @app.post("/v1/adapters")
     async def add_adapter(body: AdapterBody):
         pool = api.pool()
-        await asyncio.wrap_future(engine.call(lambda: pool.add(body.name, Path(body.path))))
-        return card(body.name, settings.base_name)
+        await asyncio.wrap_future(api.engine.call(lambda: pool.add(body.name, Path(body.path))))
+        return api.card(body.name, api.settings.base_name)
 
     @app.delete("/v1/adapters/{name}")
     async def delete_adapter(name: str):
         pool = api.pool()
         check_adapter_name(name)
-        await asyncio.wrap_future(engine.call(lambda: pool.remove(name)))
+        await asyncio.wrap_future(api.engine.call(lambda: pool.remove(name)))
         return {"id": name, "object": "model", "deleted": True}
-
-    @app.get("/")
-    async def page():
-        return FileResponse(STATIC / "index.html")
-
-    app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    return app
 
 
 def _authorized(request: HttpRequest, key: str) -> bool:
@@ -186,6 +206,11 @@ class _Api:
         self.engine = engine
         self.settings = settings
         self.tokenizer = engine.tokenizer
+        self.started = int(time.time())
+
+    def card(self, name: str, parent: str | None) -> dict[str, Any]:
+        """The /v1/models entry of the base model (`parent` None) or of an adapter."""
+        return {"id": name, "object": "model", "created": self.started, "owned_by": "lorafit", "parent": parent}
 
     def pool(self):
         if self.engine.adapters is None:

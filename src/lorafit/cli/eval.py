@@ -6,8 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from ...errors import ConfigError
-from . import HelpFormatter
+from ..errors import ConfigError
+from .support import HelpFormatter, requires
 
 
 def register(subparsers) -> None:
@@ -27,10 +27,11 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+@requires("train")
 def run(args: argparse.Namespace) -> int:
-    from ..config import load_run_config
-    from ..evaluation import evaluate_config
-    from ..trainer import CONFIG_FILE
+    from ..train.config import load_run_config
+    from ..train.evaluation import evaluate_config
+    from ..train.trainer import CONFIG_FILE
 
     adapter = args.adapter
     if args.target.is_dir():

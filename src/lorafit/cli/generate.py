@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from ...errors import ConfigError
-from . import HelpFormatter
+from ..errors import ConfigError
+from .support import HelpFormatter, add_dtype_option, requires
 
 
 def register(subparsers) -> None:
@@ -34,70 +34,38 @@ def register(subparsers) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: smallest token set of this probability")
     p.add_argument("--top-k", type=int, default=0, help="sample among the K most likely tokens; 0 = all")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampler")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="weights' dtype")
+    add_dtype_option(p, "weights' dtype")
     p.set_defaults(func=run)
 
 
-def prompt_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
-    """Token ids of the prompt for `messages` (ending with a user turn), encoded as the data
-    pipeline encodes instruction and chat examples: the chat template (which writes its own
-    special tokens), else the plain instruction template with the tokenizer's special tokens."""
-    from ...data import DEFAULT_PROMPT_TEMPLATE
-    from ...data.chat import has_chat_template, render, tokens
-
-    if has_chat_template(tokenizer):
-        return tokens(tokenizer, render(tokenizer, messages, generation_prompt=True))
-    if sum(m["role"] == "user" for m in messages) > 1:
-        raise ConfigError("--chat needs a tokenizer with a chat template; this one has none (use --prompt)")
-    system = "".join(f"{m['content']}\n\n" for m in messages if m["role"] == "system")
-    return tokenizer(system + DEFAULT_PROMPT_TEMPLATE.format(prompt=messages[-1]["content"]))["input_ids"]
-
-
-def generate(model: Any, tokenizer: Any, ids: list[int], args: argparse.Namespace) -> str:
-    """The continuation of prompt `ids`, printed token by token as it is generated."""
-    import torch
+@requires("train")
+def run(args: argparse.Namespace) -> int:
     from transformers import TextStreamer
 
-    device = next(model.parameters()).device
-    input_ids = torch.tensor([ids], device=device)
-    sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p,
-                "top_k": args.top_k or None} if args.temperature > 0 else {"do_sample": False}
-    torch.manual_seed(args.seed)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    with torch.no_grad():
-        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                             max_new_tokens=args.max_new_tokens, pad_token_id=pad_id,
-                             streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
-                             **sampling)
-    return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+    from ..generation import Sampling, generate, prompt_ids
+    from ..train.modeling import load_trained
 
-
-def run(args: argparse.Namespace) -> int:
-    from ..modeling import load_trained
-
-    if args.max_new_tokens < 1:
-        raise ConfigError(f"--max-new-tokens = {args.max_new_tokens}: expected at least 1")
-    if args.temperature < 0:
-        raise ConfigError(f"--temperature = {args.temperature}: expected 0 (greedy) or more")
+    sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed)
     model, tokenizer, labels = load_trained(args.base, args.adapter, args.dtype)
     if labels is not None:
         raise ConfigError(f"{args.adapter}: a classifier adapter (labels {labels}); evaluate it with lorafit eval")
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     if args.prompt is not None:
         messages.append({"role": "user", "content": args.prompt})
         ids = tokenizer(args.prompt)["input_ids"] if args.raw else prompt_ids(tokenizer, messages)
-        generate(model, tokenizer, ids, args)
+        generate(model, tokenizer, ids, sampling, streamer)
         print()
         return 0
-    for line in _lines(sys.stdin):
+    for line in user_lines(sys.stdin):
         messages.append({"role": "user", "content": line})
-        answer = generate(model, tokenizer, prompt_ids(tokenizer, messages), args)
+        answer = generate(model, tokenizer, prompt_ids(tokenizer, messages), sampling, streamer)
         messages.append({"role": "assistant", "content": answer})
         print()
     return 0
 
 
-def _lines(stream: Any):
+def user_lines(stream: Any) -> Iterator[str]:
     """Non-empty user messages until an empty line or end of input."""
     interactive = stream.isatty()
     while True:

@@ -11,9 +11,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from ...errors import ConfigError
-from ..config import config_reference, format_reference
-from . import HelpFormatter
+from ..errors import ConfigError
+from ..train.config import config_reference, format_reference
+from .support import HelpFormatter, requires
 
 
 def register(subparsers) -> None:
@@ -22,7 +22,9 @@ def register(subparsers) -> None:
         help="fine-tune a LoRA adapter from a YAML config (or resume a stopped run)",
         description="Fine-tune a LoRA adapter. The YAML config has the sections model, lora, data, "
                     "train and output; KEY=VALUE arguments override its fields by dotted name "
-                    "(train.lr=2e-4 lora.r=16). Relative paths are relative to the current directory. "
+                    "(train.lr=2e-4 lora.r=16), with lists and mappings in YAML flow syntax "
+                    "(lora.target_modules=[q_proj,v_proj] lora.rank_pattern={q_proj: 8}). Relative "
+                    "paths are relative to the current directory. "
                     "RUN_DIR (output.dir) receives config.yaml, metrics.jsonl, checkpoints/step-N/, "
                     "adapter/, summary.json and loss.png. Launched by torchrun (torchrun "
                     "--nproc_per_node N -m lorafit train CONFIG.yaml), the processes train one run "
@@ -37,10 +39,11 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+@requires("train")
 def run(args: argparse.Namespace) -> int:
-    from ..config import load_run_config
-    from ..distributed import RankZeroFailed, launch_environment
-    from ..trainer import TrainingInterrupted, resume, train
+    from ..train.config import load_run_config
+    from ..train.distributed import RankZeroFailed, launch_environment
+    from ..train.trainer import TrainingInterrupted, resume, train
 
     if args.resume is not None and (args.config is not None or args.overrides):
         raise ConfigError("--resume RUN_DIR takes no config or overrides: a resumed run keeps its "

@@ -1,0 +1,29 @@
+"""``lorafit inspect``, run as a real subprocess; the report itself is `adapter_files.report`."""
+
+import json
+
+from cli_support import run_lorafit
+
+
+def test_inspect_describes_the_adapter(llama_dirs):
+    base, adapter, _ = llama_dirs
+    result = run_lorafit("inspect", adapter)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "r                4   lora_alpha 8   scaling 2" in out
+    assert "targets          6 modules: down_proj x2, q_proj x2, v_proj x2" in out
+    assert "ranks            r=2 on 2 modules, r=4 on 4 modules" in out
+    # hidden 64, intermediate 128: q/v 2 layers x r4 x (64 + 64), down_proj 2 x r2 x (128 + 64)
+    assert "parameters       2,816 (2,816 in LoRA factors" in out
+    assert f"base model       {base}; fingerprint: LlamaForCausalLM (llama), 6 targeted weights" in out
+    assert "adapter_model.safetensors" in out and "ok    every module's A and B" in out
+    report = json.loads(run_lorafit("inspect", "--json", adapter).stdout)
+    assert report["parameters"]["total"] == 2816 and report["ok"]
+
+
+def test_inspect_fails_on_a_broken_adapter(tmp_path, llama_dirs):
+    (tmp_path / "adapter_config.json").write_text("{")
+    (tmp_path / "adapter_model.safetensors").write_bytes((llama_dirs[1] / "adapter_model.safetensors").read_bytes())
+    result = run_lorafit("inspect", tmp_path)
+    assert result.returncode == 1
+    assert "lorafit inspect: error:" in result.stderr and "adapter_config.json: invalid JSON" in result.stderr

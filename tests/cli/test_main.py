@@ -1,0 +1,84 @@
+"""The ``lorafit`` entry point: commands found by listing the package, one dtype vocabulary, quiet
+ends on a closed pipe."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lorafit import cli
+from lorafit.cli import support
+from lorafit.dtypes import dtype_choice, torch_dtype
+from lorafit.errors import ConfigError
+
+from cli_support import ENV, REPO
+
+COMMANDS = {"eval", "generate", "inspect", "merge", "serve", "train"}
+
+
+def test_every_module_with_register_is_a_command_and_only_those():
+    names = {module.__name__.rsplit(".", 1)[-1] for module in cli.command_modules()}
+    assert COMMANDS <= names and "support" not in names
+    subcommands = next(a for a in cli.build_parser()._actions if a.dest == "command").choices
+    assert set(subcommands) == names
+
+
+@pytest.mark.parametrize("command", ["merge", "generate", "serve"])
+@pytest.mark.parametrize("spelling, short", [("bf16", "bf16"), ("bfloat16", "bf16"), ("float16", "fp16"),
+                                             ("fp32", "fp32"), ("auto", "auto")])
+def test_dtype_takes_both_spellings_in_every_command(command, spelling, short, capsys):
+    required = {"merge": ["--base", "b", "--adapter", "a", "--out", "o"], "generate": ["--base", "b", "--prompt", "p"],
+                "serve": ["--base", "b"]}[command]
+    args = cli.build_parser().parse_args([command, *required, "--dtype", spelling])
+    assert args.dtype == short
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args([command, *required, "--dtype", "float64"])
+    assert "--dtype: 'float64' is not a dtype; expected one of auto, fp32, bf16, fp16" in capsys.readouterr().err
+
+
+def test_the_dtype_table():
+    assert [torch_dtype(name) for name in ("fp32", "float32", "bf16", "bfloat16", "fp16", "float16")] == [
+        torch.float32, torch.float32, torch.bfloat16, torch.bfloat16, torch.float16, torch.float16]
+    with pytest.raises(ConfigError, match="model.dtype: 'half' is not a dtype"):
+        dtype_choice("half", "model.dtype")
+
+
+def test_help_shows_the_short_dtype_names(capsys):
+    for command in ("merge", "generate", "serve"):
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+        assert "--dtype {auto,fp32,bf16,fp16}" in capsys.readouterr().out
+
+
+def test_the_extras_table_matches_pyproject():
+    import tomllib
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for extra, modules in support.EXTRAS.items():
+        listed = {requirement.split(">")[0].split("=")[0].split("[")[0].strip().lower()
+                  for requirement in extras[extra]}
+        assert set(modules) == listed, extra
+
+
+def closed_pipe_run(*args):
+    """Run ``lorafit ARGS`` with stdout a pipe whose reader is already gone: ``lorafit ... | head``
+    once head has exited."""
+    proc = subprocess.Popen([sys.executable, "-m", "lorafit", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=ENV, cwd=REPO)
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=300)
+    return proc.returncode, err.decode()
+
+
+def test_a_closed_pipe_ends_inspect_quietly(llama_dirs):
+    status, err = closed_pipe_run("inspect", "--json", llama_dirs[1])
+    assert (status, err) == (support.SIGPIPE_STATUS, "")
+
+
+def test_a_closed_pipe_ends_generate_quietly(llama_dirs):
+    base, adapter, _ = llama_dirs
+    status, err = closed_pipe_run("generate", "--base", base, "--adapter", adapter, "--prompt", "hello",
+                                  "--max-new-tokens", 4)
+    assert "Traceback" not in err and "BrokenPipe" not in err
+    assert status == support.SIGPIPE_STATUS
