@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections import Counter
 from typing import Any
 
 from ..atomic import PathLike
+from .fingerprints import describe
 from .keys import split_lora_key, strip_prefix
 from .peft_config import config_from_peft
 from .reading import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME, leftover_temp_files, read_adapter_dir
@@ -86,3 +88,46 @@ def describe_adapter(path: PathLike, allow_pickle: bool = False) -> dict[str, An
         "ok": all(ok for ok, _ in checks),
     }
 
+def format_report(report: dict[str, Any]) -> str:
+    """The text ``lorafit inspect`` prints for a `describe_adapter` report: one labelled line per
+    fact, then each check marked ``ok`` or ``FAIL``."""
+    config = report["config"]
+    params = report["parameters"]
+    rows = [
+        ("adapter", f"{report['path']} (PEFT LoRA, saved by {report['saved_by']})"),
+        ("base model", f"{report['base_model'] or '(not recorded)'}; fingerprint: {describe(report['fingerprint'])}"),
+        ("task type", config["task_type"] or "(none)"),
+        ("r", f"{config['r']}   lora_alpha {config['lora_alpha']}   scaling {report['scaling']:g}   "
+              f"rslora {_yes(config['use_rslora'])}   dora {_yes(config['use_dora'])}   bias {config['bias']}"),
+        ("rank_pattern", config["rank_pattern"] or None),
+        ("alpha_pattern", config["alpha_pattern"] or None),
+        ("target_modules", config["target_modules"]),
+        ("targets", f"{len(report['modules'])} modules: " + ", ".join(
+            f"{name} x{count}" for name, count in report["module_counts"].items())),
+        ("ranks", ", ".join(f"r={r} on {n} modules" for r, n in report["ranks"].items()) or "(none)"),
+        ("modules_to_save", config["modules_to_save"]),
+        ("parameters", f"{params['total']:,} ({params['lora']:,} in LoRA factors, {params['other']:,} in "
+                       f"modules_to_save/biases/embeddings)"),
+        ("dtype", ", ".join(report["dtypes"])),
+        ("files", "; ".join(f"{name} {_size(size)}" for name, size in report["files"].items())),
+        ("metadata", json.dumps(report["metadata"]) if report["metadata"] else None),
+        ("other adapters", ", ".join(report["subfolder_adapters"]) or None),
+    ]
+    width = max(len(label) for label, _ in rows)
+    lines = [f"{label:<{width}}  {value}" for label, value in rows if value is not None]
+    lines.append("checks")
+    lines += [f"  {'ok  ' if ok else 'FAIL'}  {text}" for ok, text in report["checks"]]
+    return "\n".join(lines)
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def _size(size: float) -> str:
+    """`size` bytes in decimal units: ``512 B``, ``1.5 kB``, ``2.3 MB``, ``1.2 GB``."""
+    for unit in ("B", "kB", "MB"):
+        if size < 1000:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} GB"
