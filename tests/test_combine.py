@@ -228,13 +228,13 @@ def test_combine_report_metadata_names_the_settings_the_method_reads(peft_pair):
     _, ours = peft_pair
     report = ours.combine({"default": 0.5, "b": 0.5}, name="meta", method="dare_ties_svd", rank=2, density=0.5,
                           seed=3)
-    meta = report.as_metadata()
+    meta = report.as_metadata()["combined"]
     assert meta == {"method": "dare_ties_svd", "weights": {"default": 0.5, "b": 0.5}, "rank": 2, "density": 0.5,
                     "majority_sign_method": "total", "seed": 3, "ranks": [2, 2],
                     "relative_error": report.relative_error}
     assert 0 < report.relative_error < 1
     assert ours.combine({"default": 1.0}, name="meta_cat").as_metadata() == {
-        "method": "cat", "weights": {"default": 1.0}, "ranks": [4, 4]}
+        "combined": {"method": "cat", "weights": {"default": 1.0}, "ranks": [4, 4]}}
 
 
 @pytest.mark.parametrize("kwargs,message", [

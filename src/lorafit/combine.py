@@ -83,10 +83,15 @@ class Options:
         return self.density, self.majority_sign_method, self.generator
 
 
+# The key under which a combined adapter's file records how it was made (`lorafit inspect` shows it).
+METADATA_KEY = "combined"
+
+
 @dataclass
 class CombineReport:
     """What `combine` did: method, its settings, ranks per module, and (``*svd``) the relative
-    truncation error. `as_metadata` is what ``lorafit combine`` saves with the adapter."""
+    truncation error. Save it with the adapter, ``model.save_adapter(dir, metadata=report.as_metadata())``
+    (``lorafit combine`` does), and ``lorafit inspect`` shows how the adapter was made."""
 
     method: str
     weights: dict[str, float] = field(default_factory=dict)
@@ -96,13 +101,13 @@ class CombineReport:
     discarded_energy: float = 0.0
 
     def as_metadata(self) -> dict[str, object]:
-        """``{"method", "weights", <settings>, "ranks": [min, max], "relative_error"?}``, JSON-ready."""
+        """``{"combined": {"method", "weights", <settings>, "ranks": [min, max], "relative_error"?}}``."""
         ranks = sorted(set(self.ranks.values()))
         data = {"method": self.method, "weights": dict(self.weights), **self.settings,
                 "ranks": [ranks[0], ranks[-1]] if ranks else []}
         if self.method.endswith("svd"):
             data["relative_error"] = self.relative_error
-        return data
+        return {METADATA_KEY: data}
 
 
 # A method: (parts on one module, options) -> (A, B, discarded σ² sum, total σ² sum)

@@ -122,7 +122,7 @@ def test_rank_that_disagrees_with_the_config(saved):
 
 def test_dora_tensor_without_use_dora(saved):
     rewrite_tensors(saved, lambda t: t.update({f"{Q0}.lora_magnitude_vector": torch.ones(32)}))
-    assert "is not part of a LoraWeights adapter" in load_error(saved)
+    assert "is not part of a plain LoRA adapter" in load_error(saved)
 
 
 def test_truncated_safetensors(saved):
@@ -229,3 +229,69 @@ def test_fingerprint_is_the_same_across_dtype_and_device(tmp_path, device):
         warnings.simplefilter("error", AdapterFileWarning)
         loaded = lorafit.load(small_llama(), tmp_path, strict=True)
     assert loaded.model.model.layers[0].self_attn.q_proj.lora["default"].A.dtype == torch.float32
+
+
+def rewrite_keeping_metadata(directory, change, checksum):
+    """Apply `change` to the tensors and rewrite the file with lorafit's metadata: the recorded
+    checksum kept (`checksum="stale"`: an edit after saving) or recomputed ("fresh": a writer
+    that saved the wrong tensor)."""
+    from safetensors import safe_open
+
+    from lorafit.adapter_files.reading import META_CHECKSUM, tensors_checksum
+    from lorafit.adapter_files.tensorfile import write_safetensors
+
+    file = directory / "adapter_model.safetensors"
+    with safe_open(str(file), framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = {key: tensor.clone() for key, tensor in load_file(file).items()}  # not views of the file
+    change(tensors)
+    if checksum == "fresh":
+        metadata[META_CHECKSUM] = tensors_checksum(tensors)
+    write_safetensors(file, tensors, metadata)
+
+
+def test_wrong_shape_edited_after_saving_is_corrupt_and_named(saved):
+    rewrite_keeping_metadata(saved, lambda t: t.update({f"{Q0}.lora_B.weight": torch.zeros(48, 4)}), "stale")
+    message = load_error(saved)
+    assert "the file was changed after saving (corrupt)" in message
+    assert f"tensor '{Q0}.lora_B.weight' has shape (48, 4), expected (32, 4)" in message
+    assert "base weight (32, 32) recorded in the fingerprint" in message
+
+
+def test_wrong_shape_saved_that_way_is_named_by_inspect_and_load(saved):
+    from lorafit.adapter_files.report import describe_adapter
+
+    rewrite_keeping_metadata(saved, lambda t: t.update({f"{Q0}.lora_A.weight": torch.zeros(4, 31)}), "fresh")
+    report = describe_adapter(saved)
+    failed = [text for ok, text in report["checks"] if not ok]
+    assert not report["ok"] and len(failed) == 1
+    assert failed[0].startswith(f"tensor '{Q0}.lora_A.weight' has shape (4, 31), expected (4, 32) (rank 4 from "
+                                f"adapter_config.json, base weight (32, 32) recorded in the fingerprint)")
+    assert failed[0].endswith("the file was saved this way: its checksum matches")
+    message = load_error(saved)
+    assert f"tensor '{Q0}.lora_A.weight' has shape (4, 31)" in message and "checksum" not in message
+
+
+def test_inspect_checks_ranks_against_the_config_without_lorafit_metadata(saved):
+    from lorafit.adapter_files.report import describe_adapter
+
+    rewrite_tensors(saved, lambda t: None)  # PEFT-style: no checksum, no fingerprint
+    assert describe_adapter(saved)["ok"]
+    rewrite_config(saved, rank_pattern={"v_proj": 2})
+    failed = [text for ok, text in describe_adapter(saved)["checks"] if not ok]
+    v0 = "base_model.model.model.layers.0.self_attn.v_proj"
+    assert f"tensor '{v0}.lora_A.weight' has shape (4, 32), expected (2, 32) (rank 2 from adapter_config.json)" \
+           "; no checksum recorded" in failed
+    assert len(failed) == 4  # A and B of v_proj in both layers
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
+def test_integer_lora_tensor_is_refused_by_name_not_cast(saved, dtype):
+    from lorafit.adapter_files.report import describe_adapter
+
+    rewrite_tensors(saved, lambda t: t.update({f"{Q0}.lora_A.weight": t[f"{Q0}.lora_A.weight"].to(dtype)}))
+    name = str(dtype).removeprefix("torch.")
+    expected = f"tensor '{Q0}.lora_A.weight' has dtype {name}; LoRA tensors must be floating point"
+    assert expected in load_error(saved)
+    with pytest.raises(AdapterFileError, match=expected):
+        describe_adapter(saved)
