@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lorafit
-from lorafit.layers import LoraEmbedding
+from lorafit.kinds.embedding import LoraEmbedding
 
 peft = pytest.importorskip("peft")
 

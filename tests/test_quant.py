@@ -12,7 +12,9 @@ from torch import nn
 import lorafit
 from lorafit import ConfigError, LoraConfig, MergeError
 from lorafit import quant
-from lorafit.layers import LoraLayer, LoraLinear
+from lorafit.kinds.linear import LoraLinear
+from lorafit.kinds.quantized import QuantLoraLinear
+from lorafit.layers import LoraLayer
 from lorafit.testing import tiny_llama
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -56,7 +58,7 @@ def test_wrap_puts_fp32_adapters_on_quantised_linears():
     model = lorafit.wrap(quant.quantize_model(tiny_llama(), "nf4", double_quant=True), LoraConfig(**ALL))
     layers = dict(model.lora_layers())
     assert len(layers) == 14 and "lm_head" not in layers  # all-linear: 7 per block, no head
-    assert all(isinstance(layer, quant.QuantLoraLinear) for layer in layers.values())
+    assert all(isinstance(layer, QuantLoraLinear) for layer in layers.values())
     assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if p.requires_grad)
     with model.disable_adapter():
         base = logits(model)
@@ -183,7 +185,7 @@ def test_a_model_quantised_by_transformers_can_be_wrapped_and_merged(tmp_path):
                                 bnb_4bit_compute_dtype=torch.float32)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=config, device_map="cpu")
     model = lorafit.wrap(loaded, LoraConfig(**ALL))
-    assert all(isinstance(layer, quant.QuantLoraLinear) for _, layer in model.lora_layers())
+    assert all(isinstance(layer, QuantLoraLinear) for _, layer in model.lora_layers())
     assert quant.describe_quantization(model)["double_quant"] is True
     randomise(model)
     expected = logits(model, train=True)

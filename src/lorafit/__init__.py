@@ -3,11 +3,8 @@
 from .config import LoraConfig
 from .errors import (AdapterError, AdapterFileError, ConfigError, DataError, LorafitError, MergeError,
                      TargetError, TrainingError)
-from .model import LoraModel, wrap
-from . import variants  # noqa: E402,F401  (registers DoRA, PiSSA/OLoRA, quantised bases)
-from .adapter_files import load  # noqa: E402  (after variants: the file format names their tensors)
-
-__version__ = "0.1.0"
+from .model import LoraModel, load, wrap
+from .version import __version__
 
 __all__ = [
     "LoraConfig", "LoraModel", "wrap", "load", "__version__",

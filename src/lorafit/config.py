@@ -14,17 +14,11 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Union
 
 from .errors import ConfigError
+from .registry import find_init, selected_variant
 from .schema import check_keys
 
 BIAS_MODES = ("none", "all", "lora_only")
 ALL_LINEAR = "all-linear"
-# `init_lora_weights` values with a fixed name; "pissa_niter_K" adds the fast randomised SVD.
-INIT_SCHEMES = (True, False, "gaussian", "pissa", "olora")
-_PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
-
-
-def is_valid_init(value: Any) -> bool:
-    return value in INIT_SCHEMES or (isinstance(value, str) and _PISSA_NITER.fullmatch(value) is not None)
 
 
 @dataclass
@@ -58,7 +52,8 @@ class LoraConfig:
     """Whole modules trained and saved per adapter, e.g. a new classification head."""
     init_lora_weights: Union[bool, str] = True
     """Initialisation: true (A Kaiming-uniform, B zero), ``gaussian``, false (both random, for
-    tests), ``pissa`` / ``pissa_niter_K`` (principal singular vectors), ``olora`` (QR)."""
+    tests), ``pissa`` / ``pissa_niter_K`` (principal singular vectors), ``olora`` (QR),
+    ``orthogonal`` (A and B non-zero with B A = 0; even r)."""
     layers_to_transform: Optional[Union[list[int], int]] = None
     """Only these layer indices get adapters (with list-valued target_modules)."""
     layers_pattern: Optional[Union[list[str], str]] = None
@@ -69,6 +64,8 @@ class LoraConfig:
     """Per-module lora_alpha overrides, keyed like rank_pattern."""
     use_dora: bool = False
     """DoRA: a trained magnitude per output row over the normalised W + sBA (Liu et al. 2024)."""
+    lora_bias: bool = False
+    """A trainable bias on B: the adapter adds s·(B A x + b); merging adds s·b to the base bias."""
     task_type: Optional[str] = None
     """PEFT's task type label, such as ``CAUSAL_LM``, saved in adapter_config.json."""
     base_model_name_or_path: Optional[str] = None
@@ -84,8 +81,10 @@ class LoraConfig:
         _require(_is_number(self.lora_dropout) and 0.0 <= self.lora_dropout < 1.0,
                  "lora_dropout", self.lora_dropout, "a number in [0, 1)")
         _require(self.bias in BIAS_MODES, "bias", self.bias, f"one of {list(BIAS_MODES)}")
-        _require(is_valid_init(self.init_lora_weights), "init_lora_weights", self.init_lora_weights,
-                 "one of True, False, 'gaussian', 'pissa', 'pissa_niter_K' (K an integer), 'olora'")
+        find_init(self.init_lora_weights)
+        for flag in ("fan_in_fan_out", "use_rslora", "use_dora", "lora_bias", "inference_mode"):
+            _require(isinstance(getattr(self, flag), bool), flag, getattr(self, flag), "true or false")
+        selected_variant(self)
         self.target_modules = _selector("target_modules", self.target_modules)
         self.exclude_modules = _selector("exclude_modules", self.exclude_modules)
         if self.modules_to_save is not None:

@@ -89,6 +89,25 @@ def merge_into(weight: Tensor, delta: Tensor, sign: float = 1.0, safe: bool = Fa
     return True
 
 
+def dropout_keep(x: Tensor, p: float) -> Tensor:
+    """The keep mask of dropout with probability `p` for x, as a bool tensor shaped like x.
+
+    Drawn as ``bernoulli(1 − p)`` in fp32 whatever x's dtype (a draw in bf16 has 8 random bits
+    and biases E[mask] by ~0.2% at p = 0.1), the draw `torch.nn.Dropout` makes for an fp32 input:
+    every path of lorafit, and PEFT on fp32 inputs, drop the same entries for the same seed."""
+    return torch.empty(x.shape, dtype=torch.float32, device=x.device).bernoulli_(1.0 - p).bool()
+
+
+def dropped(x: Tensor, keep: Tensor, p: float) -> Tensor:
+    """Inverted dropout: ``x ⊙ keep / (1 − p)``, so E[dropped(x)] = x."""
+    return x * keep * (1.0 / (1.0 - p))
+
+
+def dropout(x: Tensor, p: float) -> Tensor:
+    """``dropped(x, dropout_keep(x, p), p)``, or x itself when p is 0."""
+    return x if p <= 0 else dropped(x, dropout_keep(x, p), p)
+
+
 def lora_linear_delta(x: Tensor, A: Tensor, B: Tensor, scaling: float) -> Tensor:
     """``s · (x Aᵀ) Bᵀ`` for x [..., in] -> [..., out]; the scale multiplies the rank-r middle."""
     return torch.nn.functional.linear(torch.nn.functional.linear(x, A) * scaling, B)
@@ -108,11 +127,8 @@ class _FusedLoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, scaling, p, w_in_out):
         W = _remember(ctx, weight)
-        keep = None
-        xd = x
-        if p > 0:
-            keep = torch.rand_like(x) >= p
-            xd = x * keep * (1.0 / (1.0 - p))
+        keep = dropout_keep(x, p) if p > 0 else None
+        xd = x if keep is None else dropped(x, keep, p)
         h = mm_t(xd, A).mul_(scaling)  # (N, r), already scaled
         y = mm_t(x, W.T if w_in_out else W, bias)
         y.addmm_(h, B.T)
@@ -131,11 +147,9 @@ class _FusedLoraLinear(torch.autograd.Function):
             W = W if W is not None else ctx.remake()
             grad_x = mm_t(g, W if ctx.w_in_out else W.T)
             lora_in = mm_t(g_h, A.T)
-            if keep is not None:
-                lora_in = lora_in * keep * (1.0 / (1.0 - p))
-            grad_x.add_(lora_in)
+            grad_x.add_(lora_in if keep is None else dropped(lora_in, keep, p))
         if need_a:
-            xd = x if keep is None else x * keep * (1.0 / (1.0 - p))
+            xd = x if keep is None else dropped(x, keep, p)
             grad_a = mm_tn(g_h, xd)  # g_hᵀ x_d   (r, in)
         if need_bb:
             grad_bb = mm_tn(g, h)  # gᵀ h   (out, r)

@@ -38,7 +38,8 @@ import torch
 from torch import Tensor, nn
 
 from .errors import ConfigError
-from .layers import LoraLayer, LoraLinear, LoraWeights, ModulesToSave
+from .kinds.linear import LoraLinear
+from .layers import LoraLayer, LoraWeights, ModulesToSave, base_model_of
 
 QUANT_MODES = ("nf4", "fp4", "int8")
 PROBE_ROWS = 8  # rows of the random probe batch used to measure re-quantisation error
@@ -58,12 +59,12 @@ def is_quantized_linear(module: nn.Module) -> bool:
     return bnb is not None and isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))
 
 
-def _is_4bit(module: nn.Module) -> bool:
+def is_4bit(module: nn.Module) -> bool:
     return type(module.weight).__name__ == "Params4bit"
 
 
-def _quant_mode(module: nn.Module) -> str:
-    return module.weight.quant_type if _is_4bit(module) else "int8"
+def quant_mode(module: nn.Module) -> str:
+    return module.weight.quant_type if is_4bit(module) else "int8"
 
 
 # -- quantising --------------------------------------------------------------------------------
@@ -128,7 +129,7 @@ def dequantize_weight(module: nn.Module) -> Tensor:
     """``dequant(W_q)`` of a bitsandbytes linear as a new fp32 tensor [out, in]."""
     bnb = _bnb()
     weight = module.weight
-    if _is_4bit(module):
+    if is_4bit(module):
         state = weight.quant_state if weight.quant_state is not None else module.quant_state
         data = weight.data
         if getattr(state, "packing_format_for_cpu", False):
@@ -153,12 +154,12 @@ def _unpack_cpu_format(data: Tensor, state):
     return qweight, copy_
 
 
-def _requantize(module: nn.Module, weight: Tensor) -> None:
+def requantize(module: nn.Module, weight: Tensor) -> None:
     """Store `weight` ([out, in], fp32) in `module` quantised with the module's own settings."""
     bnb = _bnb()
     old = module.weight
     device = old.device
-    if _is_4bit(module):
+    if is_4bit(module):
         state = old.quant_state if old.quant_state is not None else module.quant_state
         dtype = getattr(state, "original_dtype", None) or state.dtype
         module.weight = bnb.nn.Params4bit(weight.detach().to("cpu", dtype), requires_grad=False,
@@ -171,88 +172,10 @@ def _requantize(module: nn.Module, weight: Tensor) -> None:
         module.state.CB = module.state.SCB = None
 
 
-# -- LoRA on a quantised base ------------------------------------------------------------------
-
-
-class QuantLoraLinear(LoraLinear):
-    """LoRA around a bitsandbytes ``Linear4bit`` / ``Linear8bitLt``.
-
-    The forward is LoraLinear's (``base(x) + s · B A x``, adapters in fp32); `weight_view` returns
-    ``dequant(W_q)`` [out, in], a new tensor, so variants that read the base weight (DoRA's
-    row norms) work unchanged. Merges edit an fp32 copy and re-quantise it (see `merge`).
-    """
-
-    def __init__(self, base_layer: nn.Module):
-        super().__init__(base_layer)
-        self._scratch: Optional[Tensor] = None
-        self.requantization_error: Optional[float] = None
-
-    @property
-    def quant_mode(self) -> str:
-        return _quant_mode(self.base_layer)
-
-    def weight_view(self) -> Tensor:
-        return self._scratch if self._scratch is not None else dequantize_weight(self.base_layer)
-
-    def kernel_weight(self) -> Optional[Callable[[], Tensor]]:
-        """While training, a 4-bit base computing in fp32 runs through lorafit's kernels with
-        ``dequant(W_q)``, made in the forward and again in the backward: what bitsandbytes computes
-        too, with the fused adapter node's memory savings. Inference keeps bitsandbytes' own
-        kernels (single-token gemv); int8 bases quantise the input too, so they always run themselves."""
-        base = self.base_layer
-        if not (torch.is_grad_enabled() and _is_4bit(base) and base.compute_dtype in (None, torch.float32)):
-            return None
-        return functools.partial(dequantize_weight, base)
-
-    def merge(self, names: Sequence[str], safe: bool = False) -> None:
-        """Merge into ``dequant(W_q)`` in fp32, then re-quantise.
-
-        The re-quantisation rounds ``W + ΔW`` to the 4-/8-bit grid, so most of a small ΔW is lost.
-        The error is measured as ``max |x (W + ΔW)ᵀ - x dequant(quant(W + ΔW))ᵀ|`` on a fixed
-        N(0, 1) probe batch x [8, in], stored in `requantization_error` and reported in a
-        warning. ``merge_and_unload(dequantize=True)`` merges exactly instead.
-        """
-        if any(n in self.lora and n not in self.merged for n in names):
-            with self._editing("merging"):
-                super().merge(names, safe)
-
-    def unmerge(self) -> None:
-        if self.merged:
-            with self._editing("unmerging"):
-                super().unmerge()
-
-    @contextlib.contextmanager
-    def _editing(self, what: str) -> Iterator[None]:
-        self._scratch = dequantize_weight(self.base_layer)
-        merged_before = list(self.merged)
-        try:
-            try:
-                yield
-            except BaseException:
-                self.merged[:] = merged_before  # the base was not touched
-                raise
-            exact = self._scratch
-            _requantize(self.base_layer, exact)
-            self.requantization_error = _probe_error(exact, dequantize_weight(self.base_layer))
-            warnings.warn(
-                f"{what} into a {self.quant_mode} base re-quantises W + ΔW: the output of this "
-                f"[{self.out_features}×{self.in_features}] layer on a random probe batch differs by up to "
-                f"{self.requantization_error:.3g} from the exact merge; merge_and_unload(dequantize=True) "
-                "keeps it exact", stacklevel=2)
-        finally:
-            self._scratch = None
-
-
-def _probe_error(exact: Tensor, approx: Tensor) -> float:
-    probe = torch.randn(PROBE_ROWS, exact.shape[1], generator=torch.Generator().manual_seed(0))
-    probe = probe.to(exact.device)
-    return float((probe @ (exact - approx.to(exact.device)).T).abs().max())
-
-
 def requantization_report(model: nn.Module) -> dict[str, float]:
     """{module path: output error of the last in-place merge/unmerge} for quantised LoRA layers."""
-    return {name: m.requantization_error for name, m in _unwrapped(model).named_modules()
-            if isinstance(m, QuantLoraLinear) and m.requantization_error is not None}
+    return {name: m.requantization_error for name, m in base_model_of(model).named_modules()
+            if isinstance(m, LoraLayer) and getattr(m, "requantization_error", None) is not None}
 
 
 def dequantize_model(model: nn.Module, dtype: Optional[torch.dtype] = None) -> nn.Module:
@@ -263,10 +186,10 @@ def dequantize_model(model: nn.Module, dtype: Optional[torch.dtype] = None) -> n
     """
     dtype = dtype or _float_dtype(model)
     for name, module in list(model.named_modules()):
-        if isinstance(module, QuantLoraLinear):
+        if isinstance(module, LoraLinear) and is_quantized_linear(module.base_layer):
             plain = LoraLinear(_dense(module.base_layer, dtype))
             plain.lora, plain.active, plain.merged = module.lora, module.active, list(module.merged)
-            plain.disabled, plain.rows = module.disabled, module.rows
+            plain.router = module.router
             plain.train(module.training)
             _set_module(model, name, plain)
     for name, module in list(model.named_modules()):
@@ -308,7 +231,7 @@ def describe_quantization(model: nn.Module) -> Optional[dict[str, Any]]:
     `prepare_merge_base` takes it back.
     """
     quantized, plain = [], []
-    for name, module in _base_modules(_unwrapped(model)):
+    for name, module in _base_modules(base_model_of(model)):
         if is_quantized_linear(module):
             quantized.append(module)
         elif isinstance(module, nn.Linear):
@@ -316,8 +239,8 @@ def describe_quantization(model: nn.Module) -> Optional[dict[str, Any]]:
     if not quantized:
         return None
     first = quantized[0]
-    record: dict[str, Any] = {"mode": _quant_mode(first), "skip": plain}
-    if _is_4bit(first):
+    record: dict[str, Any] = {"mode": quant_mode(first), "skip": plain}
+    if is_4bit(first):
         state = first.weight.quant_state if first.weight.quant_state is not None else first.quant_state
         record.update(
             double_quant=bool(first.weight.compress_statistics), blocksize=int(first.weight.blocksize),
@@ -416,13 +339,6 @@ def _base_modules(model: nn.Module, prefix: str = "", leaves_only: bool = True):
         yield "", model
 
 
-def _unwrapped(model: nn.Module) -> nn.Module:
-    """The base model inside a `LoraModel` (module paths are then the base model's)."""
-    from .model import LoraModel
-
-    return model.model if isinstance(model, LoraModel) else model
-
-
 def _set_module(root: nn.Module, path: str, new: nn.Module) -> None:
     parent_path, _, child = path.rpartition(".")
     parent = root.get_submodule(parent_path) if parent_path else root
@@ -430,7 +346,7 @@ def _set_module(root: nn.Module, path: str, new: nn.Module) -> None:
 
 
 __all__ = [
-    "QUANT_MODES", "QuantLoraLinear", "quantize_model", "dequantize_model", "dequantize_weight",
+    "QUANT_MODES", "quantize_model", "dequantize_model", "dequantize_weight",
     "is_quantized_linear", "describe_quantization", "simulate_quantization", "prepare_merge_base",
     "base_memory_bytes", "requantization_report",
 ]

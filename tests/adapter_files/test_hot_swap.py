@@ -35,13 +35,16 @@ def test_same_shapes_swap_in_place_and_fold_a_new_scaling(tmp_path):
 
 
 def test_swap_under_torch_compile_does_not_recompile(tmp_path):
+    """Same ranks and scaling: the tensors are copied in place and the compiled graph is reused.
+    Another scaling is taken from the file too (the scaling lives in one place, the layer), at
+    the price of one recompile."""
     def mlp():
         torch.manual_seed(0)
         return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
 
     paths = []
-    for seed in (1, 2):
-        wrapped = lorafit.wrap(mlp(), LoraConfig(r=4, lora_alpha=4 * seed, target_modules=["0", "2"],
+    for seed, alpha in ((1, 4), (2, 4), (3, 12)):
+        wrapped = lorafit.wrap(mlp(), LoraConfig(r=4, lora_alpha=alpha, target_modules=["0", "2"],
                                                  init_lora_weights=False))
         perturb_trainable(wrapped, seed=seed)
         paths.append(wrapped.save_adapter(tmp_path / str(seed))[0])
@@ -54,7 +57,11 @@ def test_swap_under_torch_compile_does_not_recompile(tmp_path):
         with torch._dynamo.config.patch(error_on_recompile=True):
             got = compiled(x)
         expected = lorafit.load(mlp(), paths[1])(x)
+        model.load_adapter(paths[2], replace=True)
+        rescaled = compiled(x)
+        expected_rescaled = lorafit.load(mlp(), paths[2])(x)
     assert (got - expected).abs().max() <= 1e-6
+    assert (rescaled - expected_rescaled).abs().max() <= 1e-6
 
 
 def test_other_rank_rebuilds_and_stays_active(tmp_path):

@@ -11,7 +11,7 @@ import lorafit
 from lorafit import ConfigError, LoraConfig
 from lorafit.layers import LoraLayer
 from lorafit.testing import tiny_llama
-from lorafit.variants import plain_lora_config, plain_lora_factors, snapshot_factors
+from lorafit.inits.conversion import plain_lora_config, plain_lora_factors, snapshot_factors
 
 peft = pytest.importorskip("peft")
 import peft.tuners.lora.layer as peft_layer  # noqa: E402

@@ -19,14 +19,13 @@ Several adapters saved together: "default" in the directory, the others in ``<di
 """
 
 from .fingerprints import fingerprint
-from .keys import DORA_MAGNITUDE, register_tensor_keys
-from .loading import load, load_adapter, loaded_metadata
+from .loading import apply_new, check_new_name, load_adapter, loaded_metadata, plan
 from .reading import (CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME, AdapterDir, AdapterFileWarning,
                       read_adapter_dir)
 from .saving import save_adapter
 
 __all__ = [
-    "save_adapter", "load_adapter", "load", "loaded_metadata", "read_adapter_dir", "AdapterDir",
-    "AdapterFileWarning", "fingerprint", "register_tensor_keys", "DORA_MAGNITUDE",
+    "save_adapter", "load_adapter", "loaded_metadata", "plan", "apply_new", "check_new_name",
+    "read_adapter_dir", "AdapterDir", "AdapterFileWarning", "fingerprint",
     "CONFIG_NAME", "WEIGHTS_NAME", "PICKLE_NAME",
 ]

@@ -1,57 +1,36 @@
 """PEFT's tensor names for lorafit's parameters.
 
 A LoRA factor of the module at path ``P`` (relative to the base model) is stored as
-``base_model.model.P.<suffix>``; the suffix depends on the layer kind for A and B, and on the
-`LoraWeights` variant for any further tensor:
-
-==========================  ======================  ======================
-lorafit                     PEFT suffix             shape
-==========================  ======================  ======================
-A (Linear, Conv1D, Conv)    ``lora_A.weight``       [r, in(, *kernel)]
-B (Linear, Conv1D, Conv)    ``lora_B.weight``       [out, r(, 1, ...)]
-A (Embedding)               ``lora_embedding_A``    [r, num_embeddings]
-B (Embedding)               ``lora_embedding_B``    [dim, r]
-DoRA magnitude              ``lora_magnitude_vector``  [out]
-==========================  ======================  ======================
-
-A variant adds its tensors in one place, `EXTRA_TENSOR_KEYS` (or `register_tensor_keys` from
-outside). Saving refuses a parameter that has no name here rather than silently dropping it.
+``base_model.model.P.<suffix>``. The suffixes of A and B come from the layer kind's record
+(`LayerKind.factor_keys`: ``lora_A.weight`` / ``lora_B.weight``, or ``lora_embedding_A`` /
+``lora_embedding_B`` for embeddings); those of a variant's further tensors from the variant's
+record (`Variant.tensor_keys`: DoRA's ``lora_magnitude_vector``, lora_bias's ``lora_B.bias``).
+Saving refuses a parameter that has no name rather than silently dropping it.
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from typing import Optional
 
-from ..layers import LoraEmbedding, LoraLayer, LoraWeights
-from ..variants.dora import DoraWeights
+from torch import nn
+
+from ..registry import extensions, find_kind
 
 PREFIX = "base_model.model."
-DORA_MAGNITUDE = "lora_magnitude_vector"
-
-# Layer class -> {LoraWeights parameter: suffix}; looked up along the class's MRO.
-FACTOR_KEYS: dict[type, dict[str, str]] = {
-    LoraEmbedding: {"A": "lora_embedding_A", "B": "lora_embedding_B"},
-    LoraLayer: {"A": "lora_A.weight", "B": "lora_B.weight"},
-}
-# LoraWeights variant -> {extra parameter: suffix}; looked up along the class's MRO.
-EXTRA_TENSOR_KEYS: dict[type, dict[str, str]] = {
-    DoraWeights: {"magnitude": DORA_MAGNITUDE},
-}
 
 
-def register_tensor_keys(weights_cls: type[LoraWeights], keys: Mapping[str, str]) -> None:
-    """Name the extra parameters of a `LoraWeights` variant in PEFT's format."""
-    EXTRA_TENSOR_KEYS[weights_cls] = dict(keys)
-
-
-def tensor_keys(layer_cls: type, weights_cls: type) -> dict[str, str]:
-    """{parameter name of `weights_cls`: PEFT suffix} for an adapter on a `layer_cls` layer."""
-    return {**_lookup(FACTOR_KEYS, layer_cls), **_lookup(EXTRA_TENSOR_KEYS, weights_cls)}
+def tensor_keys(base_layer: nn.Module, weights_cls: type) -> dict[str, str]:
+    """{parameter name of `weights_cls`: PEFT suffix} for an adapter on `base_layer`."""
+    a_key, b_key = find_kind(base_layer).factor_keys
+    extra = next((dict(v.tensor_keys) for v in extensions().variants if v.weights is weights_cls), {})
+    return {"A": a_key, "B": b_key, **extra}
 
 
 def lora_suffixes() -> list[str]:
     """Every suffix that marks a LoRA tensor (longest first, so matching is unambiguous)."""
-    known = {DORA_MAGNITUDE, *(s for t in (*FACTOR_KEYS.values(), *EXTRA_TENSOR_KEYS.values()) for s in t.values())}
+    ext = extensions()
+    known = {s for kind in ext.kinds for s in kind.factor_keys}
+    known |= {s for variant in ext.variants for s in variant.tensor_keys.values()}
     return sorted(known, key=len, reverse=True)
 
 
@@ -66,7 +45,3 @@ def split_lora_key(key: str) -> Optional[tuple[str, str]]:
 
 def strip_prefix(key: str) -> str:
     return key[len(PREFIX):] if key.startswith(PREFIX) else key
-
-
-def _lookup(table: Mapping[type, dict[str, str]], cls: type) -> dict[str, str]:
-    return next((table[klass] for klass in cls.__mro__ if klass in table), {})

@@ -11,20 +11,24 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from torch import Tensor, nn
 
-from ..config import LoraConfig
 from ..atomic import PathLike
+from ..config import LoraConfig
 from ..errors import AdapterError, AdapterFileError, ConfigError, TargetError
-from ..layers import INIT_HOOKS, LoraLayer, LoraWeights, ModulesToSave, find_kind
-from ..model import TARGET_CHECKS, LoraModel, _find_modules_to_save, find_targets, weights_class
+from ..layers import LoraLayer, LoraWeights, ModulesToSave
+from ..registry import Variant, check_targets, find_init, find_kind, selected_variant
+from ..surgery import find_modules_to_save, find_targets, unwrapped
 from . import fingerprints as fp
 from .keys import PREFIX, split_lora_key, strip_prefix, tensor_keys
 from .peft_config import config_from_peft
 from .reading import AdapterDir, AdapterFileWarning, read_adapter_dir
+
+if TYPE_CHECKING:
+    from ..model import LoraModel
 
 # Per-model record of what each loaded adapter's file held beyond its LoraConfig, so saving it
 # again writes it back: {adapter name: FileRecord}. Stored on the LoraModel instance.
@@ -48,53 +52,33 @@ class Plan:
     config: LoraConfig
     extras: dict[str, Any]
     metadata: dict[str, Any]
-    variant: type[LoraWeights]
+    variant: Optional[Variant]
     lora: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # module path -> {param: tensor}
     saved: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # modules_to_save path -> state dict
     base: list[tuple[nn.Parameter, Tensor]] = field(default_factory=list)  # base biases / embeddings
 
 
-def load(model: nn.Module, path: PathLike, adapter_name: str = "default", *, trainable: bool = False,
-         strict: bool = False, allow_pickle: bool = False) -> LoraModel:
-    """Load the adapter in `path` onto `model` and activate it: ``lorafit.load(base, "out/")``.
-
-    `model` is a plain model (wrapped into a new `LoraModel`) or a `LoraModel` (the adapter is
-    added). Unless `trainable`, the adapter is frozen and the model is put in eval mode. With
-    `strict`, a base-model fingerprint mismatch is an error instead of a warning. If loading
-    fails, `model` is left unchanged.
-    """
-    if isinstance(model, LoraModel):
-        _check_new_name(model, adapter_name, replace=False)
-    root = model.model if isinstance(model, LoraModel) else model
-    checked = plan(root, read_adapter_dir(path, allow_pickle=allow_pickle), trainable=trainable, strict=strict)
-    lora_model = model if isinstance(model, LoraModel) else LoraModel(model)
-    _apply_new(lora_model, adapter_name, checked)
-    lora_model.set_adapter(adapter_name)
-    if not trainable:
-        lora_model.eval()
-    return lora_model
-
-
-def load_adapter(model: LoraModel, path: PathLike, adapter_name: str = "default", *, replace: bool = False,
+def load_adapter(model: "LoraModel", path: PathLike, adapter_name: str = "default", *, replace: bool = False,
                  trainable: bool = False, strict: bool = False, allow_pickle: bool = False) -> None:
     """Add the adapter in `path` to `model` as `adapter_name` (not activated, like PEFT).
 
     With `replace`, an existing adapter of that name is replaced. When the new one has the same
     targets, ranks, variant and modules_to_save, its tensors are copied into the existing
     parameters (a hot swap: no module is rebuilt, so a ``torch.compile``'d model does not
-    recompile; a different scaling is folded into B); otherwise the old adapter is deleted and
-    the new one built, staying active if the old one was. See `load` for the other arguments.
+    recompile unless the scaling changed); otherwise the old adapter is deleted and
+    the new one built, staying active if the old one was. See `lorafit.load` for the other
+    arguments.
     """
-    _check_new_name(model, adapter_name, replace)
+    check_new_name(model, adapter_name, replace)
     checked = plan(model.model, read_adapter_dir(path, allow_pickle=allow_pickle), trainable=trainable, strict=strict)
     if adapter_name not in model.peft_config:
-        _apply_new(model, adapter_name, checked)
+        apply_new(model, adapter_name, checked)
     elif _fits(model, adapter_name, checked):
         _hot_swap(model, adapter_name, checked)
     else:
         active = model.active_adapters
         model.delete_adapter(adapter_name)
-        _apply_new(model, adapter_name, checked)
+        apply_new(model, adapter_name, checked)
         if adapter_name in active:
             model.set_adapter(active)
 
@@ -107,44 +91,43 @@ def plan(root: nn.Module, adapter: AdapterDir, trainable: bool = False, strict: 
     config = config.replace(inference_mode=not trainable,
                             modules_to_save=_present_modules_to_save(root, config.modules_to_save))
     try:
-        variant = weights_class(config)
+        variant = selected_variant(config)
         targets = find_targets(root, config)
-        for path, module in targets:
-            for check in TARGET_CHECKS:
-                check(config, path, module.base_layer if isinstance(module, LoraLayer) else module)
+        check_targets(config, [(path, unwrapped(module)) for path, module in targets])
     except ConfigError as exc:  # TargetError included
         raise AdapterFileError(f"{adapter.config_file}: {exc}") from None
     result = Plan(config, extras, adapter.user_metadata, variant)
     remaining = dict(adapter.tensors)
     for path, module in targets:
         result.lora[path] = _take_lora_tensors(adapter, remaining, path, module, config, variant)
-    for path, module in _find_modules_to_save(root, config.modules_to_save or []):
+    for path, module in find_modules_to_save(root, config.modules_to_save or []):
         result.saved[path] = _take_saved_module(adapter, remaining, path, module)
     for key in list(remaining):
         lora_key = split_lora_key(key)
         if lora_key is not None and lora_key[0] in result.lora:
-            raise AdapterFileError(f"{adapter.weights_file}: tensor {key!r} is not part of a {variant.__name__} "
-                                   f"adapter on {lora_key[0]!r} (does use_dora in {adapter.config_file.name} "
-                                   f"match the file?)")
+            kind = f"{variant.field} = True" if variant else "plain LoRA"
+            raise AdapterFileError(f"{adapter.weights_file}: tensor {key!r} is not part of a {kind} adapter on "
+                                   f"{lora_key[0]!r} (do the use_dora / lora_bias settings in "
+                                   f"{adapter.config_file.name} match the file?)")
         tensor = remaining.pop(key)
         result.base.append((_base_parameter(adapter, root, config, key, tensor), tensor))
     _check_fingerprint(adapter, root, config, list(result.lora), strict)
     return result
 
 
-def records(model: LoraModel) -> dict[str, FileRecord]:
+def records(model: "LoraModel") -> dict[str, FileRecord]:
     if RECORDS_ATTR not in model.__dict__:
         model.__dict__[RECORDS_ATTR] = {}
     return model.__dict__[RECORDS_ATTR]
 
 
-def file_record(model: LoraModel, adapter_name: str) -> Optional[FileRecord]:
+def file_record(model: "LoraModel", adapter_name: str) -> Optional[FileRecord]:
     """What the adapter's file held beyond its config, if the adapter is still as loaded."""
     record = records(model).get(adapter_name)
     return record if record is not None and model.peft_config.get(adapter_name) is record.config else None
 
 
-def loaded_metadata(model: LoraModel, adapter_name: str = "default") -> dict[str, Any]:
+def loaded_metadata(model: "LoraModel", adapter_name: str = "default") -> dict[str, Any]:
     """The user metadata (e.g. ``{"labels": [...]}``) saved with `adapter_name`'s file, if any."""
     record = file_record(model, adapter_name)
     return dict(record.metadata) if record else {}
@@ -159,7 +142,7 @@ def _present_modules_to_save(root: nn.Module, names: Optional[list[str]]) -> Opt
     present = []
     for name in dict.fromkeys(names or []):
         try:
-            _find_modules_to_save(root, [name])
+            find_modules_to_save(root, [name])
         except TargetError:
             continue
         present.append(name)
@@ -167,41 +150,48 @@ def _present_modules_to_save(root: nn.Module, names: Optional[list[str]]) -> Opt
 
 
 def _take_lora_tensors(adapter: AdapterDir, remaining: dict[str, Tensor], path: str, module: nn.Module,
-                       config: LoraConfig, variant: type[LoraWeights]) -> dict[str, Tensor]:
-    """Pop and check the tensors of the adapter on `module`, against a scratch layer built
-    beside the model (the model itself is not touched)."""
-    base = module.base_layer if isinstance(module, LoraLayer) else module
-    scratch = find_kind(base).wrap(base)
+                       config: LoraConfig, variant: Optional[Variant]) -> dict[str, Tensor]:
+    """Pop and check the tensors of the adapter on `module` against the shapes its parameters
+    would have (`expected_shapes`; the model is not touched)."""
+    base = unwrapped(module)
     r = config.rank_for(path)
-    probe = scratch.create("probe", r, config.scaling_for(path), 0.0, True, weights_cls=variant)
-    names = tensor_keys(type(scratch), variant)
+    expected_all = expected_shapes(module, r, variant)
+    names = tensor_keys(base, variant.weights if variant else LoraWeights)
     found = {}
-    for param, expected in probe.named_parameters():
-        if param not in names:
-            raise AdapterFileError(f"{variant.__name__}.{param} has no name in the adapter file format; "
-                                   f"see lorafit.adapter_files.register_tensor_keys")
+    for param, expected in expected_all.items():
         key = f"{PREFIX}{path}.{names[param]}"
         if key not in remaining:
             raise AdapterFileError(f"{adapter.weights_file}: missing tensor {key!r} for module {path!r}, "
                                    f"which {adapter.config_file.name} targets")
         tensor = remaining.pop(key)
-        if tuple(tensor.shape) != tuple(expected.shape):
+        if tuple(tensor.shape) != expected:
             raise AdapterFileError(f"{adapter.weights_file}: tensor {key!r} "
                                    f"{_shape_problem(param, tensor, expected, r, config, path, base)}")
         found[param] = tensor
     return found
 
 
-def _shape_problem(param: str, tensor: Tensor, expected: Tensor, r: int, config: LoraConfig, path: str,
+def expected_shapes(module: nn.Module, r: int, variant: Optional[Variant]) -> dict[str, tuple[int, ...]]:
+    """{parameter: shape} of a rank-`r` adapter of `variant` on `module` (a base module or its
+    LoRA layer), from the kind's factor shapes and the variant's parameters built on the meta
+    device (no memory, no initialisation)."""
+    layer = module if isinstance(module, LoraLayer) else find_kind(module).wrap(module)
+    a_shape, b_shape = layer.factor_shapes(r)
+    cls = variant.weights if variant else LoraWeights
+    probe = cls(torch.empty(a_shape, device="meta"), torch.empty(b_shape, device="meta"), 1.0)
+    return {name: tuple(p.shape) for name, p in probe.named_parameters()}
+
+
+def _shape_problem(param: str, tensor: Tensor, expected: tuple[int, ...], r: int, config: LoraConfig, path: str,
                    base: nn.Module) -> str:
     rank_dim = {"A": 0, "B": 1}.get(param)
-    same_ndim = tensor.dim() == expected.dim() and rank_dim is not None
-    if same_ndim and all(t == e for d, (t, e) in enumerate(zip(tensor.shape, expected.shape)) if d != rank_dim):
+    same_ndim = tensor.dim() == len(expected) and rank_dim is not None
+    if same_ndim and all(t == e for d, (t, e) in enumerate(zip(tensor.shape, expected)) if d != rank_dim):
         source = "rank_pattern" if r != config.r else "r"
         return (f"has rank {tensor.shape[rank_dim]}, but adapter_config.json gives {path!r} rank {r} "
                 f"(from {source})")
     return (f"has shape {tuple(tensor.shape)}, which does not fit module {path!r} ({type(base).__name__} "
-            f"with weight {tuple(base.weight.shape)}): expected {tuple(expected.shape)} for rank {r}")
+            f"with weight {tuple(base.weight.shape)}): expected {expected} for rank {r}")
 
 
 def _take_saved_module(adapter: AdapterDir, remaining: dict[str, Tensor], path: str,
@@ -277,13 +267,13 @@ def _embedding_modules(root: nn.Module) -> list[nn.Module]:
 def _check_fingerprint(adapter: AdapterDir, root: nn.Module, config: LoraConfig, paths: list[str],
                        strict: bool) -> None:
     """Compare with the saved fingerprint. Adapters whose initialisation rewrites the base
-    (PiSSA, OLoRA: `INIT_HOOKS`) were saved over the rewritten base, and loading rewrites it
-    again, so only their shapes are compared."""
+    (PiSSA, OLoRA: `InitScheme.rewrites_base`) were saved over the rewritten base, and loading
+    rewrites it again, so only their shapes are compared."""
     saved = adapter.fingerprint
     if not saved:
         return
     current = fp.fingerprint(root, paths)
-    if isinstance(config.init_lora_weights, str) and config.init_lora_weights.split("_niter_")[0] in INIT_HOOKS:
+    if find_init(config.init_lora_weights).rewrites_base:
         current["sample_sha256"] = None
     found = fp.differences(saved, current)
     if found:
@@ -296,7 +286,8 @@ def _check_fingerprint(adapter: AdapterDir, root: nn.Module, config: LoraConfig,
 # -- applying ----------------------------------------------------------------------------------
 
 
-def _check_new_name(model: LoraModel, name: str, replace: bool) -> None:
+def check_new_name(model: "LoraModel", name: str, replace: bool) -> None:
+    """AdapterError unless `name` is free (or may be replaced) and not merged."""
     if name in model.peft_config and not replace:
         raise AdapterError(f"an adapter named {name!r} already exists; pass replace=True to replace it, "
                            f"or choose another adapter_name")
@@ -304,7 +295,8 @@ def _check_new_name(model: LoraModel, name: str, replace: bool) -> None:
         raise AdapterError(f"adapter {name!r} is merged into the base weights; unmerge() before replacing it")
 
 
-def _apply_new(model: LoraModel, name: str, checked: Plan) -> None:
+def apply_new(model: "LoraModel", name: str, checked: Plan) -> None:
+    """Add the checked adapter `name` to `model` (steps that cannot fail on the file's account)."""
     model.add_adapter(name, checked.config)
     config = model.peft_config[name]
     with torch.no_grad():
@@ -316,33 +308,28 @@ def _apply_new(model: LoraModel, name: str, checked: Plan) -> None:
     records(model)[name] = FileRecord(config, checked.extras, checked.metadata)
 
 
-def _fits(model: LoraModel, name: str, checked: Plan) -> bool:
-    """Whether `checked` can replace adapter `name` in place: same modules, variant and shapes,
-    and dropout present or absent alike (its rate may change)."""
+def _fits(model: "LoraModel", name: str, checked: Plan) -> bool:
+    """Whether `checked` can replace adapter `name` in place: same modules, variant and shapes."""
     layers = {path: layer.lora[name] for path, layer in model.lora_layers() if name in layer.lora}
     copies = {path for path, w in model.wrappers() if isinstance(w, ModulesToSave) and name in w.modules_to_save}
     if set(layers) != set(checked.lora) or copies != set(checked.saved):
         return False
-    dropout = checked.config.lora_dropout
-    for path, weights in layers.items():
-        if type(weights) is not checked.variant or isinstance(weights.dropout, nn.Identity) != (dropout == 0):
-            return False
-        if any(weights.get_parameter(p).shape != t.shape for p, t in checked.lora[path].items()):
-            return False
-    return True
+    cls = checked.variant.weights if checked.variant else LoraWeights
+    return all(type(weights) is cls and all(weights.get_parameter(p).shape == t.shape
+                                            for p, t in checked.lora[path].items())
+               for path, weights in layers.items())
 
 
-def _hot_swap(model: LoraModel, name: str, checked: Plan) -> None:
-    """Copy into the existing parameters. Each layer keeps its scaling (a Python float a compiled
-    graph is specialised on), so the file's scaling is folded into B: ``s_file B = s_kept B'``."""
+def _hot_swap(model: "LoraModel", name: str, checked: Plan) -> None:
+    """Copy into the existing parameters and take the file's scaling and dropout rate (a
+    ``torch.compile``'d model recompiles only if the scaling changed)."""
     with torch.no_grad():
         for path, tensors in checked.lora.items():
             weights = model.model.get_submodule(path).lora[name]
-            ratio = checked.config.scaling_for(path) / weights.scaling
             for param, tensor in tensors.items():
-                weights.get_parameter(param).copy_(tensor * ratio if param == "B" and ratio != 1.0 else tensor)
-            if checked.config.lora_dropout > 0:
-                weights.dropout.p = checked.config.lora_dropout
+                weights.get_parameter(param).copy_(tensor)
+            weights.scaling = checked.config.scaling_for(path)
+            weights.dropout_p = checked.config.lora_dropout
         _copy_shared(model, name, checked)
     model.peft_config[name] = checked.config
     records(model)[name] = FileRecord(checked.config, checked.extras, checked.metadata)
@@ -350,7 +337,7 @@ def _hot_swap(model: LoraModel, name: str, checked: Plan) -> None:
         model.set_adapter(model.active_adapters)  # refreshes requires_grad for the new inference_mode
 
 
-def _copy_shared(model: LoraModel, name: str, checked: Plan) -> None:
+def _copy_shared(model: "LoraModel", name: str, checked: Plan) -> None:
     for path, state in checked.saved.items():
         model.model.get_submodule(path).modules_to_save[name].load_state_dict(state)
     for param, tensor in checked.base:

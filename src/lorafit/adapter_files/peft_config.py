@@ -16,8 +16,9 @@ from __future__ import annotations
 import warnings
 from typing import Any, Mapping
 
-from ..config import LoraConfig, field_names, is_valid_init
+from ..config import LoraConfig, field_names
 from ..errors import AdapterFileError, ConfigError
+from ..registry import find_init
 from .reading import AdapterFileWarning
 
 PEFT_TYPE = "LORA"
@@ -25,7 +26,6 @@ PEFT_TYPE = "LORA"
 # key -> what it enables; a non-default value is refused.
 UNSUPPORTED = {
     "use_qalora": "QA-LoRA (input pooling for quantised bases)",
-    "lora_bias": "a trainable bias on lora_B",
     "layer_replication": "layer replication (a deeper model built from shared layers)",
     "target_parameters": "LoRA on bare nn.Parameters (e.g. MoE experts)",
     "trainable_token_indices": "trainable token embeddings",
@@ -77,7 +77,7 @@ def config_from_peft(data: Any, where: str) -> tuple[LoraConfig, dict[str, Any]]
     if any(str(init).lower().startswith(scheme) for scheme in UNREPRODUCED_INITS):
         warnings.warn(f"{where}: init_lora_weights = {init!r} rewrites the base weights, which lorafit cannot "
                       f"redo; the adapter only fits that rewritten base model", AdapterFileWarning, stacklevel=3)
-    if not is_valid_init(init):
+    if not _known_init(init):
         kwargs["init_lora_weights"] = True
         extras["init_lora_weights"] = init
     unknown = sorted(key for key, value in extras.items()
@@ -97,3 +97,11 @@ def config_to_peft(config: LoraConfig, extras: Mapping[str, Any], **overrides: A
     """The ``adapter_config.json`` object for `config`: its fields, the kept `extras`, PEFT's
     ``peft_type`` and ``inference_mode: true`` (as PEFT writes it), then `overrides`."""
     return {**config.to_dict(), **extras, "peft_type": PEFT_TYPE, "inference_mode": True, **overrides}
+
+
+def _known_init(value: Any) -> bool:
+    try:
+        find_init(value)
+    except ConfigError:
+        return False
+    return True

@@ -13,24 +13,28 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 from torch import Tensor
 
 from ..atomic import PathLike, atomic_write_files
 from ..errors import AdapterError, AdapterFileError
 from ..layers import ModulesToSave
-from ..model import LoraModel
 from ..quant import describe_quantization
+from ..version import __version__
 from . import fingerprints as fp
 from .keys import PREFIX, tensor_keys
 from .loading import file_record
 from .peft_config import config_to_peft
+from .tensorfile import write_safetensors
 from .reading import (CONFIG_NAME, META_CHECKSUM, META_CONFIG, META_FINGERPRINT, META_REPLACES, META_USER,
                       META_VERSION, WEIGHTS_NAME, sha256_text, tensors_checksum)
 
+if TYPE_CHECKING:
+    from ..model import LoraModel
 
-def save_adapter(model: LoraModel, path: PathLike, adapter_names: Optional[Sequence[str]] = None, *,
+
+def save_adapter(model: "LoraModel", path: PathLike, adapter_names: Optional[Sequence[str]] = None, *,
                  metadata: Optional[Mapping[str, Any]] = None) -> list[Path]:
     """Save adapters of `model` under `path` in PEFT's format; returns the directories written.
 
@@ -56,7 +60,7 @@ def save_adapter(model: LoraModel, path: PathLike, adapter_names: Optional[Seque
     return list(directories.values())
 
 
-def _save_one(model: LoraModel, name: str, directory: Path, metadata: Optional[Mapping[str, Any]]) -> None:
+def _save_one(model: "LoraModel", name: str, directory: Path, metadata: Optional[Mapping[str, Any]]) -> None:
     config = model.peft_config[name]
     record = file_record(model, name)
     tensors, paths = _adapter_tensors(model, name)
@@ -79,7 +83,7 @@ def _save_one(model: LoraModel, name: str, directory: Path, metadata: Optional[M
         raise AdapterFileError(f"metadata for {directory / WEIGHTS_NAME} is not JSON-serialisable ({exc})") from None
     header = {
         "format": "pt",
-        META_VERSION: _version(),
+        META_VERSION: __version__,
         META_CONFIG: config_text,
         META_CHECKSUM: tensors_checksum(tensors),
         META_FINGERPRINT: json.dumps(fp.fingerprint(model.model, paths), sort_keys=True),
@@ -93,9 +97,7 @@ def _save_one(model: LoraModel, name: str, directory: Path, metadata: Optional[M
         header[META_USER] = user_text
 
     def write_weights(tmp: Path) -> None:
-        from safetensors.torch import save_file
-
-        save_file(tensors, str(tmp), metadata=header)
+        write_safetensors(tmp, tensors, header)
 
     try:
         atomic_write_files([(directory / WEIGHTS_NAME, write_weights),
@@ -104,11 +106,8 @@ def _save_one(model: LoraModel, name: str, directory: Path, metadata: Optional[M
         raise AdapterFileError(f"{directory}: cannot write the adapter ({exc})") from None
 
 
-def _adapter_tensors(model: LoraModel, name: str) -> tuple[dict[str, Tensor], list[str]]:
-    """PEFT-named CPU copies of adapter `name`'s tensors, and the paths of its LoRA layers.
-
-    B is written so that the config's scaling reproduces the layer's update: a hot swap may have
-    folded a scaling into B (``s_config B_file = s_layer B``)."""
+def _adapter_tensors(model: "LoraModel", name: str) -> tuple[dict[str, Tensor], list[str]]:
+    """PEFT-named CPU copies of adapter `name`'s tensors, and the paths of its LoRA layers."""
     config = model.peft_config[name]
     tensors: dict[str, Tensor] = {}
     paths = []
@@ -117,14 +116,12 @@ def _adapter_tensors(model: LoraModel, name: str) -> tuple[dict[str, Tensor], li
             continue
         paths.append(path)
         weights = layer.lora[name]
-        names = tensor_keys(type(layer), type(weights))
-        ratio = weights.scaling / config.scaling_for(path)
+        names = tensor_keys(layer.base_layer, type(weights))
         for param, value in weights.named_parameters():
             if param not in names:
                 raise AdapterFileError(f"cannot save {type(weights).__name__}.{param}: it has no name in the adapter "
-                                       f"file format; see lorafit.adapter_files.register_tensor_keys")
-            tensors[f"{PREFIX}{path}.{names[param]}"] = _cpu_copy(value * ratio if param == "B" and ratio != 1.0
-                                                                  else value)
+                                       f"file format; name it in the variant's record (Variant.tensor_keys)")
+            tensors[f"{PREFIX}{path}.{names[param]}"] = _cpu_copy(value)
         if config.bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
             tensors[f"{PREFIX}{path}.base_layer.bias"] = _cpu_copy(layer.base_layer.bias)
     for path, wrapper in model.wrappers():
@@ -142,9 +139,3 @@ def _adapter_tensors(model: LoraModel, name: str) -> tuple[dict[str, Tensor], li
 def _cpu_copy(tensor: Tensor) -> Tensor:
     """A contiguous CPU copy sharing no storage (safetensors refuses shared tensors)."""
     return tensor.detach().to("cpu", copy=True).contiguous()
-
-
-def _version() -> str:
-    from .. import __version__
-
-    return __version__

@@ -30,14 +30,19 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, MergeError
 from ..functional import merge_into
-from ..layers import LoraLayer, LoraLinear, LoraWeights, find_kind
+from ..kinds.linear import LoraLinear
+from ..layers import LoraLayer, LoraWeights
+from ..registry import Variant, find_kind
 
 
 class DoraWeights(LoraWeights):
     """LoRA factors A [r, in], B [out, r] plus the DoRA magnitude ``m`` [out]."""
 
-    def __init__(self, A: Tensor, B: Tensor, scaling: float, dropout: float = 0.0):
-        super().__init__(A, B, scaling, dropout)
+    fusable = False
+    gatherable = False
+
+    def __init__(self, A: Tensor, B: Tensor, scaling: float, dropout_p: float = 0.0):
+        super().__init__(A, B, scaling, dropout_p)
         self.magnitude = nn.Parameter(torch.ones(B.shape[0], dtype=A.dtype, device=A.device))
         self._merged_factor: Optional[Tensor] = None  # f at merge time, so unmerge is exact
 
@@ -64,13 +69,12 @@ class DoraWeights(LoraWeights):
     def _update(self, weight: Tensor, f: Tensor) -> Tensor:
         return (f - 1)[:, None] * weight + f[:, None] * self.delta().detach()
 
-    def apply(self, layer: LoraLayer, x: Tensor, result: Tensor) -> Tensor:
+    def apply(self, layer: LoraLayer, x: Tensor, result: Tensor, result_is_base: bool) -> Tensor:
         weight = unmerged_weight(layer)  # [out, in] fp32
         f = self.factor(weight)  # [out]
-        dropping = self.training and not isinstance(self.dropout, nn.Identity)
-        xd = self.dropout(x)
+        xd = self.dropped(x)
         lora = layer.lora_output(xd, self)  # s·B A xd   [..., out]
-        if not dropping and _result_is_base(layer, self):
+        if result_is_base and not self.dropping:
             bias = getattr(layer.base_layer, "bias", None)
             base = result if bias is None else result - bias.to(result.dtype)
         else:
@@ -117,18 +121,6 @@ def unmerged_weight(layer: LoraLayer, also: Optional[DoraWeights] = None) -> Ten
     return (weight - extra) / c[:, None]
 
 
-def _result_is_base(layer: LoraLayer, w: DoraWeights) -> bool:
-    """Is the `result` handed to `w.apply` exactly ``W₀ x + b``? True in a mixed batch (each
-    group gets the plain base output) and for the first unmerged active adapter when nothing is
-    merged."""
-    if layer.rows is not None:
-        return True
-    if layer.merged:
-        return False
-    first = next((n for n in layer.active if n in layer.lora), None)
-    return first is not None and layer.lora[first] is w
-
-
 def check_target(config, name: str, module: nn.Module) -> None:
     """Refuse ``use_dora`` on a module that is not a linear kind, naming it."""
     kind = find_kind(module)
@@ -137,3 +129,7 @@ def check_target(config, name: str, module: nn.Module) -> None:
             f"LoraConfig.use_dora = True cannot apply to {name!r} ({type(module).__name__}): DoRA is "
             "supported on linear layers (nn.Linear, Conv1D, bitsandbytes 4/8-bit) only; drop it from "
             "target_modules or list it in exclude_modules")
+
+
+VARIANT = Variant("use_dora", DoraWeights, tensor_keys={"magnitude": "lora_magnitude_vector"},
+                  check_target=check_target, excludes=("lora_bias",))

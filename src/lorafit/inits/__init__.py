@@ -1,0 +1,6 @@
+"""Initialisation schemes (`init_lora_weights`): one module per scheme, each declaring its
+`lorafit.registry.InitScheme`.
+
+To add a scheme, add a module here with its init function and a module-level ``InitScheme``
+record; `LoraConfig` validation, layer creation and adapter loading find it through the registry.
+"""
