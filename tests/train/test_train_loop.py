@@ -16,7 +16,7 @@ import lorafit
 from lorafit.data import IGNORE_INDEX
 from lorafit.errors import TrainingError
 from lorafit.testing import tiny_llama
-from lorafit.train import trainer as trainer_module
+from lorafit.train import objectives as objectives_module
 from lorafit.train.checkpoints import list_checkpoints
 from lorafit.train.config import TrainConfig, run_config
 from lorafit.train.losses import causal_lm_loss, causal_lm_targets, classification_loss
@@ -163,7 +163,7 @@ def test_a_resumed_run_names_the_base_model_as_the_user_gave_it(tmp_path, tiny_c
 def test_early_stopping_counts_evaluations_without_improvement_and_keeps_the_best_adapter(tmp_path, tiny_config,
                                                                                           monkeypatch, capsys):
     losses = iter([3.0, 2.0, 2.5, 2.1, 2.2, 1.0, 0.5])
-    monkeypatch.setattr(trainer_module, "evaluate", lambda *a, **k: {"loss": next(losses), "perplexity": 1.0})
+    monkeypatch.setattr(objectives_module, "evaluate", lambda *a, **k: {"loss": next(losses), "perplexity": 1.0})
     run = tmp_path / "run"
     summary = train(run_config(tiny_config(run, train={
         "max_steps": 12, "eval_every": 1, "early_stopping_patience": 3, "save_every": 1, "keep_last": 10})))

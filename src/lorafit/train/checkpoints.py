@@ -67,6 +67,8 @@ class TrainState:
     """Evaluations since the best one."""
     pending_losses: list[float] = field(default_factory=list)
     """Step losses not yet written to metrics.jsonl (``log_every`` > 1)."""
+    pending_metrics: dict[str, list[float]] = field(default_factory=dict)
+    """The objective's other step figures (DPO's rewards, ...) not yet written, by name."""
     last_eval_step: Optional[int] = None
     world_size: int = 1
     """Processes of the run when the state was saved: `batch` indexes that world's batch plan."""

@@ -34,6 +34,8 @@ DTYPES = ("auto", "fp32", "bf16", "fp16")
 QUANTIZE_MODES = ("none", "nf4", "fp4", "int8")
 SCHEDULERS = ("cosine", "linear", "constant")
 DISTRIBUTED = ("auto", "none", "ddp", "fsdp")
+OBJECTIVES = ("sft", "dpo", "orpo")
+DPO_LOSSES = ("sigmoid", "ipo")
 # Eval metrics early stopping can watch, and whether larger is better.
 METRIC_GOALS = {"loss": "min", "perplexity": "min", "accuracy": "max"}
 TASK_METRICS = {"causal_lm": ("loss", "perplexity"), "classification": ("loss", "accuracy")}
@@ -120,6 +122,22 @@ class TrainConfig:
     dist_timeout_s: float = 60.0
     """Seconds a process waits for the others in a collective before the run fails (a dead or
     hung process stops the job within this time)."""
+    objective: Literal["sft", "dpo", "orpo"] = "sft"
+    """``sft``: the next-token (or class) loss of ``data.format``. ``dpo`` and ``orpo``: preference
+    tuning on ``data.format: preference`` pairs (formulas in `lorafit.train.preference`)."""
+    beta: float = 0.1
+    """DPO: β, the scale of the log-ratios against the reference (for ``ipo``, the regulariser τ).
+    ORPO: λ, the weight of the odds-ratio term (TRL's ``beta``). 0.1 is TRL's default for both."""
+    dpo_loss: Literal["sigmoid", "ipo"] = "sigmoid"
+    """DPO loss type: ``sigmoid`` (the DPO paper's) or ``ipo`` (squared, each log-ratio divided by
+    its answer's token count, as TRL 1.16 does)."""
+    precompute_reference: bool = False
+    """DPO: compute the reference log-probs of every pair once before training (one no-grad pass
+    over the train and eval pairs) instead of a reference forward in every step."""
+    init_adapter: Optional[str] = None
+    """Start from the adapter in this directory (its own adapter_config.json replaces ``lora``).
+    For DPO the reference is then that adapter, frozen, as TRL does with a trained PEFT model;
+    without it the reference is the base model (the adapter disabled)."""
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "grad_accum", "keep_last", "log_every"):
@@ -150,6 +168,13 @@ class TrainConfig:
                  f"one of {list(DISTRIBUTED)}")
         _require(_is_number(self.dist_timeout_s) and self.dist_timeout_s > 0, "train.dist_timeout_s",
                  self.dist_timeout_s, "a positive number of seconds")
+        _require(self.objective in OBJECTIVES, "train.objective", self.objective, f"one of {list(OBJECTIVES)}")
+        _require(_is_number(self.beta) and self.beta > 0, "train.beta", self.beta, "a positive number")
+        _require(self.dpo_loss in DPO_LOSSES, "train.dpo_loss", self.dpo_loss, f"one of {list(DPO_LOSSES)}")
+        _require(not self.precompute_reference or self.objective == "dpo", "train.precompute_reference",
+                 self.precompute_reference, "false unless train.objective is 'dpo' (ORPO has no reference)")
+        _require(self.init_adapter is None or (isinstance(self.init_adapter, str) and self.init_adapter.strip() != ""),
+                 "train.init_adapter", self.init_adapter, "an adapter directory, or null")
 
     def warmup_for(self, total_steps: int) -> int:
         """Warmup steps of a run of `total_steps` steps."""
@@ -190,11 +215,19 @@ class RunConfig:
                               f"got {self.data.format!r}")
         if self.task == "causal_lm" and self.data.format == "classification":
             raise ConfigError("data.format = 'classification' needs model.task = 'classification' (or 'auto')")
+        preference = self.train.objective != "sft"
+        if preference != (self.data.format == "preference"):
+            raise ConfigError(f"train.objective = {self.train.objective!r} cannot train data.format = "
+                              f"{self.data.format!r}: 'dpo' and 'orpo' need the 'preference' format, and it needs them")
+        if preference and self.train.distributed == "fsdp":
+            raise ConfigError(f"train.objective = {self.train.objective!r} is not supported with "
+                              f"train.distributed = 'fsdp'; use 'ddp'")
         if self.train.early_stopping_patience is not None:
             metric = self.train.early_stopping_metric
-            if metric not in TASK_METRICS[self.task]:
-                raise ConfigError(f"train.early_stopping_metric = {metric!r} is not measured for {self.task}; "
-                                  f"expected one of {list(TASK_METRICS[self.task])}")
+            measured = ("loss",) if preference else TASK_METRICS[self.task]
+            if metric not in measured:
+                raise ConfigError(f"train.early_stopping_metric = {metric!r} is not measured for "
+                                  f"{self.train.objective if preference else self.task}; expected one of {list(measured)}")
             has_eval = (self.data.eval_file or self.data.eval_split) is not None or self.data.eval_fraction > 0
             if not (has_eval and self.train.eval_every):
                 raise ConfigError("train.early_stopping_patience needs evaluations: set train.eval_every and "
@@ -255,6 +288,7 @@ def resolved(cfg: RunConfig) -> RunConfig:
         lora=cfg.lora.replace(base_model_name_or_path=cfg.lora.base_model_name_or_path or cfg.model.name_or_path),
         data=dataclasses.replace(cfg.data, train_file=absolute(cfg.data.train_file),
                                  eval_file=absolute(cfg.data.eval_file)),
+        train=dataclasses.replace(cfg.train, init_adapter=absolute(cfg.train.init_adapter)),
         output=dataclasses.replace(cfg.output, dir=str(Path(cfg.output.dir).resolve())),
     )
 

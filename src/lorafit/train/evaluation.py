@@ -13,6 +13,7 @@ from torch import Tensor
 from ..data import collate, load_dataset_splits
 from ..errors import ConfigError
 from .losses import LOSSES, causal_lm_loss_from_hidden, correct_predictions, output_head
+from .preference import add_reference_adapter, evaluate_pairs, preference_objective
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
@@ -77,7 +78,9 @@ def evaluate(model: Any, dataset: Any, task: str, batch_size: int, device: torch
 def evaluate_config(cfg: Any, adapter_dir: Optional[Path] = None) -> dict[str, Any]:
     """Metrics of the adapter in `adapter_dir` (or of the base model) on the eval split of `cfg`,
     a `RunConfig`, with the number of ``examples``. Without an adapter a classifier's new head is
-    drawn from ``train.seed``, so the figures are those a run logs at step 0."""
+    drawn from ``train.seed``, so the figures are those a run logs at step 0. A ``dpo`` or ``orpo``
+    config gives its loss and TRL's reward figures (``rewards/accuracies``, ``rewards/margins``,
+    ...) against the run's reference (the base, or ``train.init_adapter``)."""
     from .. import load
     from .modeling import default_device, load_base, load_tokenizer, read_labels, resolve_dtype
 
@@ -95,5 +98,13 @@ def evaluate_config(cfg: Any, adapter_dir: Optional[Path] = None) -> dict[str, A
             raise ConfigError(f"{adapter_dir}: the adapter was trained for labels {saved}, "
                               f"but the data has {report.labels}")
         model = load(model, adapter_dir)
-    metrics = evaluate(model.to(device), eval_set, cfg.task, cfg.train.batch_size, device, dtype)
+    if cfg.train.objective == "sft":
+        metrics = evaluate(model.to(device), eval_set, cfg.task, cfg.train.batch_size, device, dtype)
+    else:
+        objective = preference_objective(cfg.train)
+        if adapter_dir is None and cfg.train.objective == "dpo":
+            raise ConfigError("evaluating a dpo config needs an adapter (the base model is its own reference)")
+        if objective.reference_adapter is not None:
+            add_reference_adapter(model, cfg.train.init_adapter)
+        metrics = evaluate_pairs(objective, model.to(device), eval_set, cfg.train.batch_size, device, dtype)
     return {**metrics, "examples": len(eval_set)}

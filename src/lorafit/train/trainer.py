@@ -34,17 +34,16 @@ from typing import Any, Iterator, Optional
 import torch
 
 from ..atomic import atomic_write_json
-from ..data import DataReport, batch_plan, collate, load_dataset_splits
+from ..data import DataReport, batch_plan, load_dataset_splits
 from ..errors import ConfigError, TrainingError
 from . import distributed
 from .checkpoints import (CHECKPOINTS, TrainState, best_adapter_dir, latest_checkpoint, list_checkpoints,
                           load_checkpoint, prune_best_adapters, read_train_state, remove_partial, save_checkpoint,
                           torch_rng)
 from .config import METRIC_GOALS, RunConfig, load_run_config, resolved, save_run_config
-from .evaluation import evaluate, summed_loss
-from .losses import LOSSES
 from .metrics import MetricsWriter, plot_losses, read_metrics, truncate_metrics
 from .modeling import build_model, default_device, dtype_name, load_tokenizer, resolve_dtype
+from .objectives import objective_for, prepare_model
 from .optim import build_optimizer, build_scheduler
 from .progress import Progress
 
@@ -167,7 +166,7 @@ class Trainer:
         self.device = self.group.device
         self.dtype = resolve_dtype(cfg.model.dtype, self.device)
         self.task = cfg.task
-        self.loss_fn = LOSSES[self.task]
+        self.objective = objective_for(cfg)
         self.stop_signal: Optional[int] = None
 
         torch.manual_seed(cfg.train.seed)
@@ -176,6 +175,7 @@ class Trainer:
         self.train_set, self.eval_set, self.report = load_dataset_splits(cfg.data, tokenizer)
         self.lengths = self.train_set.lengths
         self.model = self._build_model()
+        prepare_model(self.model, self.objective, cfg.train, (self.train_set, self.eval_set), self.device, self.dtype)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         if self.group.active:
             self.group.broadcast(self.trainable)  # identical starting adapters, whatever the init
@@ -289,24 +289,27 @@ class Trainer:
         One all-reduce before the forward passes gives every process the step's target and
         token counts (and whether to stop); one after them sums gradients and loss.
         """
-        batches = [collate([self.train_set[i] for i in ids], self.train_set.pad_id) if ids else None
+        batches = [self.objective.collate([self.train_set[i] for i in ids], self.train_set.pad_id) if ids else None
                    for ids in window]
-        counts = torch.tensor([sum(self.loss_fn.targets(b["labels"]) for b in batches if b is not None),
+        counts = torch.tensor([*self.objective.window_targets(batches),
                                sum(self.lengths[i] for ids in window for i in ids),
                                self.stop_signal is not None], device=self.device)
-        targets, tokens, stop = self.group.sum(counts).tolist()
+        *targets, tokens, stop = self.group.sum(counts).tolist()
         if stop:
             return None
-        total = torch.zeros(1, device=self.device)
+        total = torch.zeros(1 + len(self.objective.metric_names), device=self.device)  # loss, metric sums
         for batch in batches:
             if batch is None:  # an empty share of the epoch's last global batch
                 if self.group.mode == "fsdp":
                     self._idle_pass()
                 continue
-            loss = summed_loss(self.model, batch, self.task, self.device, self.dtype)[0] / max(1, targets)
+            loss, sums = self.objective.loss(self.model, batch, targets, self.device, self.dtype)
             self.scaler.scale(loss).backward()
-            total += loss.detach().float()
-        loss = distributed.sync_gradients(self.trainable, total, self.group).item()
+            total += torch.cat([loss.detach().float().reshape(1), sums.to(self.device)])
+        total = distributed.sync_gradients(self.trainable, total, self.group)
+        loss = total[0].item()
+        for name, value in self.objective.metrics(total[1:], targets).items():
+            self.state.pending_metrics.setdefault(name, []).append(value)
         if not math.isfinite(loss):
             raise self._diverged(f"the loss is {loss}")
         self.scaler.unscale_(self.optimizer)
@@ -322,8 +325,8 @@ class Trainer:
     def _idle_pass(self) -> None:
         """A zero-weighted forward and backward, so this process joins the FSDP all-gathers of a
         micro-batch the others run while its own share is empty."""
-        batch = collate([self.train_set[0]], self.train_set.pad_id)
-        loss = summed_loss(self.model, batch, self.task, self.device, self.dtype)[0]
+        batch = self.objective.collate([self.train_set[0]], self.train_set.pad_id)
+        loss = self.objective.loss(self.model, batch, self.objective.targets(batch), self.device, self.dtype)[0]
         self.scaler.scale(loss * 0.0).backward()
 
     def _diverged(self, what: str) -> TrainingError:
@@ -379,8 +382,8 @@ class Trainer:
         """Evaluate (every process, on the whole eval split: FSDP needs all in each forward) and
         record rank 0's figures, which every process then acts on (early stopping)."""
         state, cfg = self.state, self.cfg.train
-        metrics = self.group.share(evaluate(self.model, self.eval_set, self.task, cfg.batch_size,
-                                            self.device, self.dtype))
+        metrics = self.group.share(self.objective.evaluate(self.model, self.eval_set, cfg.batch_size,
+                                                           self.device, self.dtype))
         state.last_eval_step = state.step
         self._write({"step": state.step, **{f"eval_{k}": v for k, v in metrics.items()}})
         if cfg.early_stopping_patience is not None and state.step > 0:
@@ -423,6 +426,8 @@ class Trainer:
                   "loss": sum(state.pending_losses) / len(state.pending_losses), "lr": lr}
         if grad_norm is not None:
             record["grad_norm"] = grad_norm
+        record.update({name: sum(values) / len(values) for name, values in state.pending_metrics.items()})
+        state.pending_metrics = {}
         record.update(tokens=state.tokens, tokens_per_s=round(self._tokens_per_s(self.last_log), 1),
                       elapsed_s=round(self._elapsed(), 3))
         state.pending_losses = []
@@ -452,7 +457,8 @@ class Trainer:
         """The adapter files, with a classifier's labels (a quantised base's description is
         recorded by `save_adapter` itself)."""
         labels = self.report.labels
-        self.model.save_adapter(path, metadata={"labels": labels} if labels is not None else None)
+        self.model.save_adapter(path, adapter_names=["default"],
+                                metadata={"labels": labels} if labels is not None else None)
 
     def _save(self) -> None:
         """Write a checkpoint of the current step: every process hands rank 0 its RNG state
