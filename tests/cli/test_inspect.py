@@ -16,7 +16,7 @@ def test_inspect_describes_the_adapter(llama_dirs):
     # hidden 64, intermediate 128: q/v 2 layers x r4 x (64 + 64), down_proj 2 x r2 x (128 + 64)
     assert "parameters       2,816 (2,816 in LoRA factors" in out
     assert f"base model       {base}; fingerprint: LlamaForCausalLM (llama), 6 targeted weights" in out
-    assert "adapter_model.safetensors" in out and "ok    every module's A and B" in out
+    assert "adapter_model.safetensors" in out and "\nchecks\n  ok    " in out and "FAIL" not in out
     report = json.loads(run_lorafit("inspect", "--json", adapter).stdout)
     assert report["parameters"]["total"] == 2816 and report["ok"]
 

@@ -11,9 +11,10 @@ from typing import Any, Optional
 
 import torch
 
-from ..adapter_files import load, read_adapter_dir
+from ..adapter_files import read_adapter_dir
 from ..dtypes import dtype_choice, torch_dtype
 from ..errors import AdapterFileError
+from ..model import load
 from ..quant import prepare_merge_base
 
 # Hugging Face auto class per PEFT task_type, used when the adapter does not name the model class.
@@ -52,7 +53,7 @@ def export_merged(base: str, adapter: str, out: str, dtype: str = "auto", strict
         base_config = transformers.AutoConfig.from_pretrained(base)
     except (OSError, ValueError) as exc:
         raise AdapterFileError(f"cannot read the base model config at {base!r}: {exc}") from None
-    model_cls = _model_class(transformers, files, base_config)
+    model_cls = model_class(transformers, files, base_config)
     kwargs = _label_kwargs(files.user_metadata.get("labels")) if "Classification" in model_cls.__name__ else {}
     model = model_cls.from_pretrained(base, dtype=torch.float32, **kwargs)
     prepare_merge_base(model, files.user_metadata.get("quantization"))
@@ -72,7 +73,9 @@ def export_merged(base: str, adapter: str, out: str, dtype: str = "auto", strict
     return target
 
 
-def _model_class(transformers, files, base_config):
+def model_class(transformers, files, base_config):
+    """The transformers class to load the base of adapter `files` with: the class it was saved on
+    (lorafit fingerprint), else the one its ``task_type`` implies, else the base config's."""
     names = [(files.fingerprint or {}).get("architecture"), TASK_CLASSES.get(files.config.get("task_type")),
              *(getattr(base_config, "architectures", None) or []), "AutoModel"]
     return next(getattr(transformers, name) for name in names if name and hasattr(transformers, name))
