@@ -35,3 +35,8 @@ class DataError(LorafitError):
 
 class TrainingError(LorafitError):
     """Training cannot go on (NaN/Inf loss, unwritable output, broken checkpoint)."""
+
+
+class ExportError(LorafitError):
+    """A model or adapter cannot be exported to the requested format (unsupported architecture,
+    tokenizer or adapter feature); the message lists what is supported."""
