@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Union
 
 from .errors import ConfigError
-from .registry import find_init, selected_variant
+from .registry import claimed_fields, find_init, selected_variant
 from .schema import check_keys
 
 BIAS_MODES = ("none", "all", "lora_only")
@@ -72,6 +72,25 @@ class LoraConfig:
     """The base model the adapter was trained on, saved in adapter_config.json."""
     inference_mode: bool = False
     """Freeze the adapter (set when loading an adapter for inference)."""
+    # PEFT features whose non-default value needs an extension that implements it (`FEATURES`).
+    use_qalora: bool = False
+    """QA-LoRA (PEFT): not implemented; must stay false."""
+    target_parameters: Optional[list[str]] = None
+    """LoRA on nn.Parameter tensors such as MoE expert weights (PEFT): not implemented; must stay null."""
+    trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = None
+    """Train only these embedding rows (PEFT): not implemented; must stay null."""
+    layer_replication: Optional[list[list[int]]] = None
+    """Build a deeper model from repeated layer ranges (PEFT): not implemented; must stay null."""
+    alora_invocation_tokens: Optional[list[int]] = None
+    """Activated LoRA (PEFT): not implemented; must stay null."""
+    use_bdlora: Optional[dict[str, Any]] = None
+    """Block-diagonal LoRA (PEFT): not implemented; must stay null."""
+    arrow_config: Optional[dict[str, Any]] = None
+    """Arrow routing between adapters (PEFT): not implemented; must stay null."""
+    kasa_config: Optional[dict[str, Any]] = None
+    """KaSA (PEFT): not implemented; must stay null."""
+    monteclora_config: Optional[dict[str, Any]] = None
+    """MonteCLoRA (PEFT): not implemented; must stay null."""
 
     def __post_init__(self) -> None:
         _require(isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0,
@@ -82,6 +101,7 @@ class LoraConfig:
                  "lora_dropout", self.lora_dropout, "a number in [0, 1)")
         _require(self.bias in BIAS_MODES, "bias", self.bias, f"one of {list(BIAS_MODES)}")
         find_init(self.init_lora_weights)
+        _check_features(self)
         for flag in ("fan_in_fan_out", "use_rslora", "use_dora", "lora_bias", "inference_mode"):
             _require(isinstance(getattr(self, flag), bool), flag, getattr(self, flag), "true or false")
         selected_variant(self)
@@ -150,6 +170,34 @@ class LoraConfig:
     def replace(self, **changes: Any) -> "LoraConfig":
         """A validated copy with `changes` applied; the original is left as it was."""
         return dataclasses.replace(self, **changes)
+
+
+# LoraConfig fields that switch on a PEFT feature, and what it does. A non-default value needs an
+# extension that claims the field (`lorafit.registry.claimed_fields`); others are refused by name.
+FEATURES = {
+    "use_dora": "DoRA", "lora_bias": "a trainable bias on lora_B",
+    "use_qalora": "QA-LoRA (input pooling for quantised bases)",
+    "target_parameters": "LoRA on bare nn.Parameters (e.g. MoE experts)",
+    "trainable_token_indices": "trainable token embeddings",
+    "layer_replication": "layer replication (a deeper model built from shared layers)",
+    "alora_invocation_tokens": "Activated LoRA (aLoRA)", "use_bdlora": "block-diagonal LoRA",
+    "arrow_config": "Arrow routing between adapters", "kasa_config": "KaSA (learned singular values between A and B)",
+    "monteclora_config": "MonteCLoRA (variational sampling)",
+}
+
+
+def _check_features(config: "LoraConfig") -> None:
+    claimed = claimed_fields()
+    refused = [f"{name} = {getattr(config, name)!r} ({what})" for name, what in FEATURES.items()
+               if name not in claimed and not is_default(getattr(config, name))]
+    if refused:
+        raise ConfigError(f"uses PEFT features lorafit does not implement, so its outputs would differ: "
+                          f"{'; '.join(refused)}")
+
+
+def is_default(value: Any) -> bool:
+    """None, False or an empty container: PEFT's way of saying a feature is off."""
+    return value is None or value is False or (isinstance(value, (dict, list, str)) and not value)
 
 
 def scaling(alpha: float, r: int, use_rslora: bool = False) -> float:

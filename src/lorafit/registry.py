@@ -118,7 +118,8 @@ def find_kind(module: nn.Module) -> Optional[LayerKind]:
     return next((kind for kind in extensions().kinds if kind.matches(module)), None)
 
 
-def variant_fields() -> set[str]:
+def claimed_fields() -> set[str]:
+    """The `LoraConfig` feature fields some extension implements (`lorafit.config.FEATURES`)."""
     return {v.field for v in extensions().variants}
 
 

@@ -4,7 +4,8 @@ lorafit's `LoraConfig` fields carry PEFT's names, so most keys map one to one. P
 keys than lorafit uses; each falls in one of three groups:
 
 * keys whose non-default value changes the adapter's maths in a way lorafit does not implement
-  (`UNSUPPORTED`): refused, because loading would give different outputs than PEFT;
+  (`lorafit.config.FEATURES` with no extension claiming them): refused by `LoraConfig`, because
+  loading would give different outputs than PEFT;
 * keys that only matter to PEFT's bookkeeping, to training or to initialisation (`BOOKKEEPING`):
   kept and written back on save, never reported;
 * any other key (a newer PEFT's): kept and written back; reported by a warning when its value is
@@ -16,25 +17,13 @@ from __future__ import annotations
 import warnings
 from typing import Any, Mapping
 
-from ..config import LoraConfig, field_names
+from ..config import LoraConfig, field_names, is_default
 from ..errors import AdapterFileError, ConfigError
 from ..registry import find_init
 from .reading import AdapterFileWarning
 
 PEFT_TYPE = "LORA"
 
-# key -> what it enables; a non-default value is refused.
-UNSUPPORTED = {
-    "use_qalora": "QA-LoRA (input pooling for quantised bases)",
-    "layer_replication": "layer replication (a deeper model built from shared layers)",
-    "target_parameters": "LoRA on bare nn.Parameters (e.g. MoE experts)",
-    "trainable_token_indices": "trainable token embeddings",
-    "alora_invocation_tokens": "Activated LoRA (aLoRA)",
-    "kasa_config": "KaSA (learned singular values between A and B)",
-    "use_bdlora": "block-diagonal LoRA",
-    "arrow_config": "Arrow routing between adapters",
-    "monteclora_config": "MonteCLoRA (variational sampling)",
-}
 # Keys that do not change the loaded adapter's outputs: kept on round trip, not reported.
 BOOKKEEPING = {
     "peft_version", "auto_mapping", "revision", "megatron_config", "megatron_core", "qalora_group_size",
@@ -46,10 +35,6 @@ DROPPED = {"peft_type", "runtime_config"}
 # not implement. PEFT redoes the rewrite when loading such an adapter (unless it was converted to
 # a plain LoRA when saved); lorafit cannot, so it warns. PiSSA and OLoRA are redone, as in PEFT.
 UNREPRODUCED_INITS = ("corda", "loftq", "lora_ga")
-
-
-def is_default(value: Any) -> bool:
-    return value is None or value is False or (isinstance(value, (dict, list, str)) and not value)
 
 
 def config_from_peft(data: Any, where: str) -> tuple[LoraConfig, dict[str, Any]]:
@@ -65,11 +50,6 @@ def config_from_peft(data: Any, where: str) -> tuple[LoraConfig, dict[str, Any]]
     if peft_type != PEFT_TYPE:
         found = "no peft_type key" if "peft_type" not in data else f"peft_type {peft_type!r}"
         raise AdapterFileError(f"{where}: {found}; lorafit loads LoRA adapters (peft_type \"{PEFT_TYPE}\") only")
-    refused = [f"{key} = {data[key]!r} ({what})" for key, what in UNSUPPORTED.items()
-               if key in data and not is_default(data[key])]
-    if refused:
-        raise AdapterFileError(f"{where}: uses PEFT features lorafit does not implement, so its outputs would "
-                               f"differ: {'; '.join(refused)}")
     fields = set(field_names())
     kwargs = {key: value for key, value in data.items() if key in fields}
     extras = {key: value for key, value in data.items() if key not in fields and key not in DROPPED}
@@ -81,7 +61,7 @@ def config_from_peft(data: Any, where: str) -> tuple[LoraConfig, dict[str, Any]]
         kwargs["init_lora_weights"] = True
         extras["init_lora_weights"] = init
     unknown = sorted(key for key, value in extras.items()
-                     if key not in BOOKKEEPING and key not in UNSUPPORTED and key != "init_lora_weights"
+                     if key not in BOOKKEEPING and key != "init_lora_weights"
                      and not is_default(value))
     if unknown:
         warnings.warn(f"{where}: keys lorafit does not use, kept for saving but without effect: "
