@@ -1,4 +1,4 @@
-"""Helpers of the command-line tests: ``python -m lorafit`` in a subprocess, offline."""
+"""Helpers of the command-line tests: a fresh interpreter, offline, in the repository root."""
 
 import os
 import subprocess
@@ -7,12 +7,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-def run_lorafit(*args, **kwargs) -> subprocess.CompletedProcess:
-    """``python -m lorafit ARGS`` from the repository root; output captured as text."""
-    return subprocess.run([sys.executable, "-m", "lorafit", *map(str, args)], capture_output=True, text=True,
-                          env=ENV, cwd=REPO, timeout=300, **kwargs)
 
 
 def run_python(code: str, **kwargs) -> subprocess.CompletedProcess:

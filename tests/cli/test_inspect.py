@@ -1,15 +1,14 @@
-"""``lorafit inspect``, run as a real subprocess; the report itself is `adapter_files.report`."""
+"""``lorafit inspect``; the report itself is `lorafit.adapter_files.report`."""
 
 import json
 
-from cli_support import run_lorafit
+from lorafit.cli import main
 
 
-def test_inspect_describes_the_adapter(llama_dirs):
+def test_inspect_describes_the_adapter(llama_dirs, capsys):
     base, adapter, _ = llama_dirs
-    result = run_lorafit("inspect", adapter)
-    assert result.returncode == 0, result.stderr
-    out = result.stdout
+    assert main(["inspect", str(adapter)]) == 0
+    out = capsys.readouterr().out
     assert "r                4   lora_alpha 8   scaling 2" in out
     assert "targets          6 modules: down_proj x2, q_proj x2, v_proj x2" in out
     assert "ranks            r=2 on 2 modules, r=4 on 4 modules" in out
@@ -17,13 +16,14 @@ def test_inspect_describes_the_adapter(llama_dirs):
     assert "parameters       2,816 (2,816 in LoRA factors" in out
     assert f"base model       {base}; fingerprint: LlamaForCausalLM (llama), 6 targeted weights" in out
     assert "adapter_model.safetensors" in out and "\nchecks\n  ok    " in out and "FAIL" not in out
-    report = json.loads(run_lorafit("inspect", "--json", adapter).stdout)
+    assert main(["inspect", "--json", str(adapter)]) == 0
+    report = json.loads(capsys.readouterr().out)
     assert report["parameters"]["total"] == 2816 and report["ok"]
 
 
-def test_inspect_fails_on_a_broken_adapter(tmp_path, llama_dirs):
+def test_inspect_fails_on_a_broken_adapter(tmp_path, llama_dirs, capsys):
     (tmp_path / "adapter_config.json").write_text("{")
     (tmp_path / "adapter_model.safetensors").write_bytes((llama_dirs[1] / "adapter_model.safetensors").read_bytes())
-    result = run_lorafit("inspect", tmp_path)
-    assert result.returncode == 1
-    assert "lorafit inspect: error:" in result.stderr and "adapter_config.json: invalid JSON" in result.stderr
+    assert main(["inspect", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("lorafit inspect: error:") and "adapter_config.json: invalid JSON" in err

@@ -24,16 +24,21 @@ def test_every_module_with_register_is_a_command_and_only_those():
     assert set(subcommands) == names
 
 
+@pytest.fixture(scope="module")
+def parser():
+    return cli.build_parser()
+
+
 @pytest.mark.parametrize("command", ["merge", "generate", "serve"])
 @pytest.mark.parametrize("spelling, short", [("bf16", "bf16"), ("bfloat16", "bf16"), ("float16", "fp16"),
                                              ("fp32", "fp32"), ("auto", "auto")])
-def test_dtype_takes_both_spellings_in_every_command(command, spelling, short, capsys):
+def test_dtype_takes_both_spellings_in_every_command(parser, command, spelling, short, capsys):
     required = {"merge": ["--base", "b", "--adapter", "a", "--out", "o"], "generate": ["--base", "b", "--prompt", "p"],
                 "serve": ["--base", "b"]}[command]
-    args = cli.build_parser().parse_args([command, *required, "--dtype", spelling])
+    args = parser.parse_args([command, *required, "--dtype", spelling])
     assert args.dtype == short
     with pytest.raises(SystemExit):
-        cli.build_parser().parse_args([command, *required, "--dtype", "float64"])
+        parser.parse_args([command, *required, "--dtype", "float64"])
     assert "--dtype: 'float64' is not a dtype; expected one of auto, fp32, bf16, fp16" in capsys.readouterr().err
 
 
@@ -76,6 +81,7 @@ def test_a_closed_pipe_ends_inspect_quietly(llama_dirs):
     assert (status, err) == (support.SIGPIPE_STATUS, "")
 
 
+@pytest.mark.slow
 def test_a_closed_pipe_ends_generate_quietly(llama_dirs):
     base, adapter, _ = llama_dirs
     status, err = closed_pipe_run("generate", "--base", base, "--adapter", adapter, "--prompt", "hello",

@@ -1,4 +1,4 @@
-"""``lorafit merge`` as a subprocess, and the library call behind it (`lorafit.export.export_merged`)."""
+"""``lorafit merge`` and the library call behind it (`lorafit.export.export_merged`)."""
 
 import warnings
 
@@ -6,26 +6,25 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import lorafit
+from lorafit.cli import main
 from lorafit.export import export_merged
 from lorafit.quant import quantize_model
 from lorafit.testing import tiny_causal_lm_dir
 
 from adapter_models import logits, perturb_trainable, tiny_bert_cls
-from cli_support import run_lorafit
 
 
-def test_merge_writes_a_plain_model_with_the_same_logits(tmp_path, llama_dirs):
+def test_merge_writes_a_plain_model_with_the_same_logits(tmp_path, llama_dirs, capsys):
     base, adapter, model = llama_dirs
-    result = run_lorafit("merge", "--base", base, "--adapter", adapter, "--out", tmp_path / "merged")
-    assert result.returncode == 0, result.stderr
+    argv = ["merge", "--base", str(base), "--adapter", str(adapter), "--out", str(tmp_path / "merged")]
+    assert main(argv) == 0 and capsys.readouterr().out == f"merged model written to {tmp_path / 'merged'}\n"
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert not any("lora" in name for name, _ in merged.named_parameters())
     ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(3))
     assert (logits(merged, ids) - logits(model, ids)).abs().max() <= 1e-4
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
     assert tokenizer.vocab_size == AutoTokenizer.from_pretrained(base).vocab_size
-    again = run_lorafit("merge", "--base", base, "--adapter", adapter, "--out", tmp_path / "merged")
-    assert again.returncode == 1 and "already exists and is not an empty directory" in again.stderr
+    assert main(argv) == 1 and "already exists and is not an empty directory" in capsys.readouterr().err
 
 
 def test_merge_of_a_classifier_keeps_labels_and_casts(tmp_path):
