@@ -212,17 +212,25 @@ def combine(model, weights: Mapping[str, float], name: str, method: str = "cat",
     return report
 
 
-def _check(model, weights: Mapping[str, float], name: str, method: str, rank: Optional[int],
-           density: Optional[float], majority_sign_method: str) -> Method:
+def check_options(method: str, rank: Optional[int] = None, density: Optional[float] = None,
+                  majority_sign_method: str = "total") -> Method:
+    """The `Method` named `method`, once its settings are valid (`AdapterError` naming the one
+    that is not); needs no model, so a command can refuse before loading one."""
     if method not in METHODS:
         raise AdapterError(f"combine: method {method!r} is unknown; expected one of {list(METHODS)}")
     chosen = METHODS[method]
-    if not weights:
-        raise AdapterError("combine: no adapters given")
     if chosen.svd and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
         raise AdapterError(f"combine: method {method!r} needs a positive integer rank, got {rank!r}")
     if chosen.rule is not None:
         RULES[chosen.rule].check(method, density, majority_sign_method)
+    return chosen
+
+
+def _check(model, weights: Mapping[str, float], name: str, method: str, rank: Optional[int],
+           density: Optional[float], majority_sign_method: str) -> Method:
+    chosen = check_options(method, rank, density, majority_sign_method)
+    if not weights:
+        raise AdapterError("combine: no adapters given")
     for adapter in weights:
         if adapter not in model.peft_config:
             raise AdapterError(f"combine: unknown adapter {adapter!r}; this model has {model.adapter_names}")

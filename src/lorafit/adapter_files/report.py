@@ -5,64 +5,34 @@ from __future__ import annotations
 import json
 import warnings
 from collections import Counter
-from typing import Any
+from typing import Any, Optional
 
 from ..atomic import PathLike
+from ..combine import METADATA_KEY as COMBINED_KEY
+from ..config import LoraConfig
 from .fingerprints import describe
 from .keys import split_lora_key, strip_prefix
 from .peft_config import config_from_peft
-from .reading import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME, leftover_temp_files, read_adapter_dir
+from .reading import (CONFIG_NAME, META_CHECKSUM, PICKLE_NAME, WEIGHTS_NAME, AdapterDir, leftover_temp_files,
+                      lora_factors, read_adapter_dir, shape_problems)
 
 
 def describe_adapter(path: PathLike, allow_pickle: bool = False) -> dict[str, Any]:
     """A plain-data description of the adapter in `path` with the outcome of each format check.
 
-    Problems that make the adapter unloadable (unreadable or corrupt files, bad JSON, unsupported
-    keys) raise `AdapterFileError`; findings that only a model could settle, or that look wrong
-    without being fatal, are listed under ``checks`` as ``(ok, text)``.
+    Problems that make the adapter unreadable (unreadable or corrupt files, bad JSON, unsupported
+    keys, integer or non-finite LoRA tensors) raise `AdapterFileError`; findings that look wrong,
+    including factor shapes that do not fit the config's ranks or the recorded base weights, are
+    listed under ``checks`` as ``(ok, text)``. ``combined`` is how `lorafit combine` made the
+    adapter (its saved metadata), or None.
     """
     adapter = read_adapter_dir(path, allow_pickle=allow_pickle)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        config, extras = config_from_peft(adapter.config, where=str(adapter.config_file))
-    checks: list[tuple[bool, str]] = [(True, f"{CONFIG_NAME} is a LoRA config lorafit supports")]
-    checks += [(False, str(w.message)) for w in caught]
-    checksum = "checksum matches" if "lorafit.tensors_sha256" in adapter.metadata else "no checksum recorded"
-    checks.append((True, f"{adapter.weights_file.name} readable, every tensor finite, {checksum}"))
-    checks += [(True, note) for note in adapter.notes]
-
-    factors: dict[str, dict[str, Any]] = {}
-    other = 0
-    for key, tensor in adapter.tensors.items():
-        split = split_lora_key(key)
-        if split is None:
-            other += tensor.numel()
-            continue
-        factors.setdefault(split[0], {})[split[1]] = tensor
-    ranks: Counter = Counter()
-    bad_ranks = []
-    for module, tensors in sorted(factors.items()):
-        a = tensors.get("lora_A.weight", tensors.get("lora_embedding_A"))
-        b = tensors.get("lora_B.weight", tensors.get("lora_embedding_B"))
-        if a is None or b is None:
-            checks.append((False, f"{module}: has {'B' if a is None else 'A'} but no {'A' if a is None else 'B'}"))
-            continue
-        ranks[a.shape[0]] += 1
-        if a.shape[0] != b.shape[1] or a.shape[0] != config.rank_for(module):
-            bad_ranks.append(f"{module} (A rank {a.shape[0]}, B rank {b.shape[1]}, config {config.rank_for(module)})")
-    if bad_ranks:
-        checks.append((False, f"ranks disagree with the config: {'; '.join(bad_ranks)}"))
-    elif factors:
-        checks.append((True, "every module's A and B have the rank the config gives it"))
-    else:
-        checks.append((False, "no LoRA tensors"))
-    leftovers = leftover_temp_files(adapter.path)
-    if leftovers:
-        checks.append((False, f"temporary files from an interrupted save: {', '.join(leftovers)}"))
-    if adapter.weights_file.name == PICKLE_NAME:
-        checks.append((False, f"weights are a pickle ({PICKLE_NAME}); convert them to {WEIGHTS_NAME}"))
-
-    lora_params = sum(t.numel() for tensors in factors.values() for t in tensors.values())
+    config, extras, checks = _config_checks(adapter)
+    factors = lora_factors(adapter.tensors)
+    checks += _shape_checks(adapter, config, factors)
+    checks += _file_checks(adapter)
+    lora_params = sum(t.numel() for key, t in adapter.tensors.items() if split_lora_key(key) is not None)
+    other = sum(t.numel() for key, t in adapter.tensors.items() if split_lora_key(key) is None)
     files = {p.name: p.stat().st_size for p in sorted(adapter.path.iterdir())
              if p.is_file() and p.name in (CONFIG_NAME, WEIGHTS_NAME, PICKLE_NAME)}
     return {
@@ -76,17 +46,63 @@ def describe_adapter(path: PathLike, allow_pickle: bool = False) -> dict[str, An
         "scaling": config.scaling_for(""),
         "modules": sorted(factors),
         "module_counts": dict(Counter(m.rsplit(".", 1)[-1] for m in factors)),
-        "ranks": dict(sorted(ranks.items())),
+        "ranks": dict(sorted(Counter(pair["A"][1].shape[0] for pair in factors.values() if "A" in pair).items())),
         "other_tensors": sorted(strip_prefix(k) for k in adapter.tensors if split_lora_key(k) is None),
         "parameters": {"total": lora_params + other, "lora": lora_params, "other": other},
         "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in adapter.tensors.values()}),
         "files": files,
         "metadata": adapter.user_metadata,
+        "combined": adapter.user_metadata.get(COMBINED_KEY),
         "extra_config_keys": sorted(extras),
         "subfolder_adapters": sorted(p.name for p in adapter.path.iterdir() if (p / CONFIG_NAME).is_file()),
         "checks": checks,
         "ok": all(ok for ok, _ in checks),
     }
+
+
+def _config_checks(adapter: AdapterDir) -> tuple[LoraConfig, dict[str, Any], list[tuple[bool, str]]]:
+    """The config, its extra keys, and checks for the config and the weights file as read."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        config, extras = config_from_peft(adapter.config, where=str(adapter.config_file))
+    checks: list[tuple[bool, str]] = [(True, f"{CONFIG_NAME} is a LoRA config lorafit supports")]
+    checks += [(False, str(w.message)) for w in caught]
+    checksum = "checksum matches" if META_CHECKSUM in adapter.metadata else "no checksum recorded"
+    checks.append((True, f"{adapter.weights_file.name} readable, every tensor finite, LoRA tensors floating "
+                         f"point, {checksum}"))
+    checks += [(True, note) for note in adapter.notes]
+    return config, extras, checks
+
+
+def _shape_checks(adapter: AdapterDir, config: LoraConfig,
+                  factors: dict[str, dict[str, tuple[str, Any]]]) -> list[tuple[bool, str]]:
+    """Missing partners, and factor shapes against the config's ranks and the recorded base
+    weights. A wrong shape under a matching checksum was saved that way (the checksum would
+    have caught a later change)."""
+    if not factors:
+        return [(False, "no LoRA tensors")]
+    checks = [(False, f"{module}: has {next(iter(pair))} but no {'B' if 'A' in pair else 'A'}")
+              for module, pair in sorted(factors.items()) if len(pair) != 2]
+    origin = ("the file was saved this way: its checksum matches" if META_CHECKSUM in adapter.metadata
+              else "no checksum recorded")
+    problems = shape_problems(adapter, config.rank_for)
+    checks += [(False, f"{problem}; {origin}") for problem in problems]
+    if not problems:
+        sizes = ("and the base weight shapes recorded in the fingerprint" if (adapter.fingerprint or {}).get("weights")
+                 else "(in/out sizes unchecked: no base fingerprint recorded)")
+        checks.append((True, f"every LoRA factor has the rank the config gives its module, {sizes}"))
+    return checks
+
+
+def _file_checks(adapter: AdapterDir) -> list[tuple[bool, str]]:
+    checks = []
+    leftovers = leftover_temp_files(adapter.path)
+    if leftovers:
+        checks.append((False, f"temporary files from an interrupted save: {', '.join(leftovers)}"))
+    if adapter.weights_file.name == PICKLE_NAME:
+        checks.append((False, f"weights are a pickle ({PICKLE_NAME}); convert them to {WEIGHTS_NAME}"))
+    return checks
+
 
 def format_report(report: dict[str, Any]) -> str:
     """The text ``lorafit inspect`` prints for a `describe_adapter` report: one labelled line per
@@ -96,6 +112,7 @@ def format_report(report: dict[str, Any]) -> str:
     rows = [
         ("adapter", f"{report['path']} (PEFT LoRA, saved by {report['saved_by']})"),
         ("base model", f"{report['base_model'] or '(not recorded)'}; fingerprint: {describe(report['fingerprint'])}"),
+        ("combined", _combined_text(report["combined"])),
         ("task type", config["task_type"] or "(none)"),
         ("r", f"{config['r']}   lora_alpha {config['lora_alpha']}   scaling {report['scaling']:g}   "
               f"rslora {_yes(config['use_rslora'])}   dora {_yes(config['use_dora'])}   bias {config['bias']}"),
@@ -118,6 +135,18 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append("checks")
     lines += [f"  {'ok  ' if ok else 'FAIL'}  {text}" for ok, text in report["checks"]]
     return "\n".join(lines)
+
+
+def _combined_text(combined: Any) -> Optional[str]:
+    """``ties of 0.7·a + -1.3·b (density 0.5, majority_sign_method total)`` from the metadata
+    `lorafit.combine.CombineReport.as_metadata` saved; None when the adapter was not combined."""
+    if not isinstance(combined, dict):
+        return None
+    weights = combined.get("weights")
+    terms = " + ".join(f"{w}·{name}" for name, w in weights.items()) if isinstance(weights, dict) else "?"
+    settings = ", ".join(f"{key} {value if isinstance(value, (str, int, float)) else json.dumps(value)}"
+                         for key, value in combined.items() if key not in ("method", "weights"))
+    return f"{combined.get('method')} of {terms}" + (f" ({settings})" if settings else "")
 
 
 def _yes(flag: bool) -> str:
