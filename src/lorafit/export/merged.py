@@ -42,12 +42,33 @@ def export_merged(base: str, adapter: str, out: str, dtype: str = "auto", strict
     the same quantiser (`lorafit.quant.prepare_merge_base`), so the merged model computes what
     was trained.
     """
-    import transformers
-
     dtype = dtype_choice(dtype)
     target = Path(out)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise AdapterFileError(f"{target}: already exists and is not an empty directory; choose a new --out")
+    adapted, base_config = load_adapted(base, adapter, strict=strict, allow_pickle=allow_pickle)
+    merged = adapted.merge_and_unload(safe=True)
+    merged.to(torch_dtype(dtype) if dtype != "auto" else _saved_dtype(base_config))
+    staging = target.parent / f".{target.name}.tmp-{secrets.token_hex(4)}"
+    try:
+        merged.save_pretrained(staging)
+        tokenizer = find_tokenizer(adapter, base)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        if target.exists():
+            target.rmdir()
+        os.rename(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def load_adapted(base: str, adapter: str, strict: bool = False, allow_pickle: bool = False):
+    """(`base` loaded in fp32 with the adapter in `adapter` applied, the base's transformers
+    config): the model class and label names as `export_merged` describes, and a quantised-base
+    adapter's base rounded through its quantiser (`lorafit.quant.prepare_merge_base`)."""
+    import transformers
+
     files = read_adapter_dir(adapter, allow_pickle=allow_pickle)
     try:
         base_config = transformers.AutoConfig.from_pretrained(base)
@@ -57,20 +78,7 @@ def export_merged(base: str, adapter: str, out: str, dtype: str = "auto", strict
     kwargs = _label_kwargs(files.user_metadata.get("labels")) if "Classification" in model_cls.__name__ else {}
     model = model_cls.from_pretrained(base, dtype=torch.float32, **kwargs)
     prepare_merge_base(model, files.user_metadata.get("quantization"))
-    merged = load(model, adapter, strict=strict, allow_pickle=allow_pickle).merge_and_unload(safe=True)
-    merged.to(torch_dtype(dtype) if dtype != "auto" else _saved_dtype(base_config))
-    staging = target.parent / f".{target.name}.tmp-{secrets.token_hex(4)}"
-    try:
-        merged.save_pretrained(staging)
-        tokenizer = _tokenizer(transformers, adapter, base)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
-        if target.exists():
-            target.rmdir()
-        os.rename(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return load(model, adapter, strict=strict, allow_pickle=allow_pickle), base_config
 
 
 def model_class(transformers, files, base_config):
@@ -95,8 +103,10 @@ def _saved_dtype(config) -> torch.dtype:
     return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
-def _tokenizer(transformers, *sources: str) -> Optional[Any]:
+def find_tokenizer(*sources: str) -> Optional[Any]:
     """The first tokenizer that loads from `sources` (an adapter dir may carry an extended one)."""
+    import transformers
+
     for source in sources:
         local = Path(source)
         if local.is_dir() and not any((local / name).is_file() for name in ("tokenizer_config.json", "tokenizer.json")):
