@@ -14,7 +14,7 @@ class RecordingModel:
         self.adapter_names: list[str] = []
         self.calls: list[str] = []
 
-    def load_adapter(self, path, adapter_name):
+    def load_adapter(self, path, adapter_name, strict=False):
         self.adapter_names.append(adapter_name)
         if "broken" in path:
             raise ValueError("bad tensor")

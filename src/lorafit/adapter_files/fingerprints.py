@@ -17,11 +17,16 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
+from ..errors import AdapterFileError
 from ..layers import LoraLayer
 from ..quant import dequantize_weight, is_quantized_linear
 from .tensorfile import tensor_bytes
 
 SAMPLE = 1024
+
+
+class BaseModelMismatch(AdapterFileError):
+    """The adapter's saved fingerprint differs from the model it is loaded onto (``strict=True``)."""
 
 
 def fingerprint(root: nn.Module, module_paths: Iterable[str]) -> dict[str, Any]:

@@ -279,7 +279,7 @@ def _check_fingerprint(adapter: AdapterDir, root: nn.Module, config: LoraConfig,
     if found:
         message = f"{adapter.weights_file}: base model fingerprint does not match: {'; '.join(found)}"
         if strict:
-            raise AdapterFileError(message)
+            raise fp.BaseModelMismatch(message)
         warnings.warn(message + " (strict=True makes this an error)", AdapterFileWarning, stacklevel=4)
 
 

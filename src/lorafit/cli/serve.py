@@ -36,6 +36,8 @@ def register(subparsers) -> None:
     p.add_argument("--threads", type=int,
                    help="torch CPU threads; 1 avoids stalls on a busy machine; torch's default when unset")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--allow-base-mismatch", action="store_true",
+                   help="serve adapters whose saved base-model fingerprint differs from --base (refused otherwise)")
     p.set_defaults(func=run)
 
 

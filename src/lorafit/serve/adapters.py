@@ -16,6 +16,7 @@ import threading
 from collections import Counter, OrderedDict
 from pathlib import Path
 
+from ..adapter_files.fingerprints import BaseModelMismatch
 from ..errors import AdapterError, AdapterFileError
 
 log = logging.getLogger(__name__)
@@ -70,10 +71,13 @@ class SlotsBusy(AdapterError):
 class AdapterPool:
     """Known adapters (name -> directory) and an LRU of at most `capacity` loaded into `model`.
 
-    `model` is a `lorafit.LoraModel` (`load_adapter`, `delete_adapter`).
+    `model` is a `lorafit.LoraModel` (`load_adapter`, `delete_adapter`). An adapter whose saved
+    base-model fingerprint differs from `model` is refused (`BaseModelMismatch`, a 400 for the
+    request that needed it) unless `allow_base_mismatch`, when it loads with a warning.
     """
 
-    def __init__(self, model, paths: dict[str, Path], capacity: int, reserved: tuple[str, ...] = ()):
+    def __init__(self, model, paths: dict[str, Path], capacity: int, reserved: tuple[str, ...] = (),
+                 allow_base_mismatch: bool = False):
         if capacity < 1:
             raise AdapterError(f"max adapters must be at least 1, got {capacity}")
         self._model = model
@@ -81,6 +85,7 @@ class AdapterPool:
         self._lock = threading.Lock()  # guards _paths, read by the HTTP threads
         self.capacity = capacity
         self.reserved = reserved
+        self.allow_base_mismatch = allow_base_mismatch
         self._loaded: OrderedDict[str, None] = OrderedDict()  # least recently used first
         self._users: Counter[str] = Counter()
         self._unloading: set[str] = set()  # removed while in use: unload when the last user ends
@@ -158,10 +163,13 @@ class AdapterPool:
     def _load(self, name: str, path: Path) -> None:
         """Load the adapter; any failure leaves the model as it was and is an `AdapterFileError`."""
         try:
-            self._model.load_adapter(str(path), adapter_name=name)
+            self._model.load_adapter(str(path), adapter_name=name, strict=not self.allow_base_mismatch)
         except Exception as exc:
             if name in self._model.adapter_names:
                 self._model.delete_adapter(name)
+            if isinstance(exc, BaseModelMismatch):
+                raise BaseModelMismatch(f"adapter {name!r} was saved on another base model: {exc}; serving it "
+                                        f"needs lorafit serve --allow-base-mismatch") from None
             if isinstance(exc, AdapterFileError):
                 raise
             raise AdapterFileError(f"adapter {name!r} could not be loaded from {str(path)!r}: {exc}") from exc

@@ -25,6 +25,7 @@ from fastapi.staticfiles import StaticFiles
 from jinja2 import TemplateError
 from starlette.exceptions import HTTPException
 
+from ..adapter_files.fingerprints import BaseModelMismatch
 from ..errors import AdapterError, AdapterFileError, LorafitError
 from .adapters import AdapterExists, SlotsBusy, UnknownAdapter, check_adapter_name
 from .engine import ContextError, Delta, Engine, Failed, Finished, Request
@@ -45,6 +46,7 @@ ERROR_TABLE: list[tuple[type[Exception], int, str, str | None]] = [
     (UnknownAdapter, 404, "invalid_request_error", "model_not_found"),
     (AdapterExists, 409, "invalid_request_error", "adapter_exists"),
     (SlotsBusy, 503, "server_error", "adapter_slots_busy"),
+    (BaseModelMismatch, 400, "invalid_request_error", "base_model_mismatch"),
     (AdapterFileError, 400, "invalid_request_error", "adapter_load_failed"),
     (AdapterError, 400, "invalid_request_error", "invalid_adapter_name"),
 ]

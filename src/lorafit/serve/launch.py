@@ -42,6 +42,7 @@ class LaunchConfig:
     dtype: str = "auto"  # fp32 / bf16 / fp16 (or torch's names) or auto: the checkpoint's
     threads: Optional[int] = None
     log_level: str = "info"
+    allow_base_mismatch: bool = False  # serve adapters saved on another base model (a warning each)
 
     @property
     def base_name(self) -> str:
@@ -60,7 +61,7 @@ def build_engine(config: LaunchConfig) -> tuple[Engine, ServeSettings]:
     reserved = (BASE_ALIAS, config.base_name)
     found = discover(config.adapters, reserved) if config.adapters else {}
     model = LoraModel(hf_model)
-    pool = AdapterPool(model, found, config.max_adapters, reserved)
+    pool = AdapterPool(model, found, config.max_adapters, reserved, config.allow_base_mismatch)
     engine = Engine(model, tokenizer, pool, max_batch=config.max_batch, max_model_len=config.max_model_len)
     settings = ServeSettings(base_name=config.base_name, api_key=config.api_key,
                              default_max_tokens=config.default_max_tokens)
