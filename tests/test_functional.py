@@ -36,7 +36,9 @@ def test_linear_cross_entropy_trainable_head_falls_back_to_full_logits():
     targets = torch.randint(0, 11, (5,))
     loss = linear_cross_entropy(hidden, weight, None, targets)
     (grad,) = torch.autograd.grad(loss, weight)
-    assert grad.shape == weight.shape and grad.abs().sum() > 0
+    w = weight.detach().requires_grad_()
+    (want,) = torch.autograd.grad(F.cross_entropy(hidden @ w.T, targets, reduction="sum"), w)
+    torch.testing.assert_close(grad, want)
 
 
 def test_linear_cross_entropy_without_grad_gives_the_same_value():
@@ -46,3 +48,63 @@ def test_linear_cross_entropy_without_grad_gives_the_same_value():
         got = linear_cross_entropy(hidden, weight, None, targets, chunk=4)
     want = F.cross_entropy(hidden @ weight.T, targets, reduction="sum")
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+# -- the kernels at real layer sizes, where oneDNN takes over, against fp64 -----------------------
+
+def _rel(got, want):
+    return float((got.double() - want).abs().max() / want.abs().max())
+
+
+def test_sizes_below_are_above_the_onednn_threshold():
+    from lorafit import functional
+
+    assert 256 * 1024 * 1024 >= functional.ONEDNN_MIN_MACS  # the products below take the oneDNN route
+    assert functional.onednn_applies(torch.zeros(256, 1024), torch.zeros(1024, 1024))
+
+
+def test_fused_lora_linear_at_real_size_matches_fp64():
+    """A 1024x1024 projection, 256 rows, r=16, with dropout: forward and every gradient."""
+    from lorafit.functional import dropout_keep, fused_lora_linear
+
+    torch.manual_seed(0)
+    x = torch.randn(256, 1024, requires_grad=True)
+    W, b = torch.randn(1024, 1024) / 32, torch.randn(1024)
+    A = (torch.randn(16, 1024) / 32).requires_grad_()
+    B = (torch.randn(1024, 16) / 4).requires_grad_()
+    torch.manual_seed(7)
+    y = fused_lora_linear(x, W, b, A, B, 2.0, p=0.1)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x, A, B], g)
+    torch.manual_seed(7)
+    keep = dropout_keep(x, 0.1).double()
+    x64, A64, B64 = (t.detach().double().requires_grad_() for t in (x, A, B))
+    y64 = x64 @ W.double().T + b.double() + 2.0 * ((x64 * keep / 0.9) @ A64.T) @ B64.T
+    want = torch.autograd.grad(y64, [x64, A64, B64], g.double())
+    assert _rel(y, y64) < 1e-5
+    for got, ref in zip(grads, want):
+        assert _rel(got, ref) < 1e-5
+
+
+def test_frozen_linear_and_chunked_cross_entropy_at_real_size_match_fp64():
+    from lorafit.functional import frozen_linear
+
+    torch.manual_seed(0)
+    x = torch.randn(512, 1024, requires_grad=True)
+    W = torch.randn(2048, 1024) / 32
+    y = frozen_linear(x, W)
+    (gx,) = torch.autograd.grad(y.pow(2).sum(), x)
+    x64 = x.detach().double().requires_grad_()
+    y64 = x64 @ W.double().T
+    (gx64,) = torch.autograd.grad(y64.pow(2).sum(), x64)
+    assert _rel(y, y64) < 1e-5 and _rel(gx, gx64) < 1e-5
+
+    head = torch.randn(8000, 256) / 16
+    hidden = torch.randn(2, 300, 256, requires_grad=True)
+    targets = torch.randint(0, 8000, (2, 300))
+    loss = linear_cross_entropy(hidden, head, None, targets, chunk=256)
+    (gh,) = torch.autograd.grad(loss, hidden)
+    h64 = hidden.detach().double().requires_grad_()
+    loss64 = F.cross_entropy((h64 @ head.double().T).reshape(-1, 8000), targets.reshape(-1), reduction="sum")
+    (gh64,) = torch.autograd.grad(loss64, h64)
+    assert abs(loss.item() - loss64.item()) / loss64.item() < 1e-5 and _rel(gh, gh64) < 1e-5

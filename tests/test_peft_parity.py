@@ -8,7 +8,7 @@ import torch
 import lorafit
 from lorafit.kinds.embedding import LoraEmbedding
 
-peft = pytest.importorskip("peft")
+import peft  # noqa: E402  (a dev dependency: a missing anchor fails)
 
 from test_model import IDS, tiny_bert_cls, tiny_gpt2  # noqa: E402
 from lorafit.testing import tiny_llama  # noqa: E402

@@ -25,10 +25,10 @@ def _onednn_linear():
     return getattr(torch.ops.mkldnn, "_linear_pointwise", None)
 
 
-_ONEDNN_LINEAR = _onednn_linear()
+ONEDNN_LINEAR = _onednn_linear()
 # Below about this many multiply-adds, oneDNN's call overhead (~12 µs against MKL's ~4 µs) costs
 # more than its faster kernel saves.
-_ONEDNN_MIN_MACS = 1 << 21
+ONEDNN_MIN_MACS = 1 << 21
 
 
 def mm_t(x: Tensor, w: Tensor, bias: Optional[Tensor] = None) -> Tensor:
@@ -38,30 +38,32 @@ def mm_t(x: Tensor, w: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     Contiguous fp32 CPU inputs go through oneDNN's linear kernel: PyTorch's fp32 ``mm`` calls MKL,
     which runs its AVX2 code on non-Intel CPUs, where oneDNN uses AVX-512 (2.2x faster for the
     shapes of a LoRA layer on AMD Zen 5). Both accumulate in fp32; only the summation order
-    differs. Tiny products (`_ONEDNN_MIN_MACS`) and everything else go to ``addmm`` / ``mm``.
+    differs. Tiny products (`ONEDNN_MIN_MACS`) and everything else go to ``addmm`` / ``mm``.
     """
-    if (_onednn_applies(x, w, x.shape[0] * x.shape[1] * w.shape[0]) and x.dim() == 2 and x.is_contiguous()
+    if (onednn_applies(x, w, x.shape[0] * x.shape[1] * w.shape[0]) and x.dim() == 2 and x.is_contiguous()
             and (w.is_contiguous() or w.T.is_contiguous()) and (bias is None or bias.dtype == x.dtype)):
-        return _ONEDNN_LINEAR(x, w, bias, "none", [], "")
+        return ONEDNN_LINEAR(x, w, bias, "none", [], "")
     return x @ w.T if bias is None else torch.addmm(bias, x, w.T)
 
 
 def mm_tn(a: Tensor, b: Tensor) -> Tensor:
     """``aᵀ b`` for a [N, p] and b [N, q] (a weight gradient). Through oneDNN (see `mm_t`) the
     narrower operand is copied transposed and the wider one read in place; otherwise ``a.T @ b``."""
-    if not _onednn_applies(a, b, a.shape[0] * a.shape[1] * b.shape[1]):
+    if not onednn_applies(a, b, a.shape[0] * a.shape[1] * b.shape[1]):
         return a.T @ b
     if a.shape[1] <= b.shape[1]:
         return mm_t(a.T.contiguous(), b.T)
     return mm_t(b.T.contiguous(), a.T).T
 
 
-def _onednn_applies(x: Tensor, w: Tensor, macs: int) -> bool:
+def onednn_applies(x: Tensor, w: Tensor, macs: Optional[int] = None) -> bool:
+    """Whether a product of x [N, k] with w [m, k] goes through oneDNN (see `mm_t`)."""
+    macs = x.shape[0] * x.shape[1] * w.shape[0] if macs is None else macs
     # Under torch.compile the plain ops are traced instead: Inductor picks its own GEMM, and its
     # lowering of this oneDNN op only accepts constant (frozen) weights. Under CPU autocast the
     # plain ops keep following autocast.
-    return (_ONEDNN_LINEAR is not None and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32
-            and macs >= _ONEDNN_MIN_MACS and not torch.compiler.is_compiling()
+    return (ONEDNN_LINEAR is not None and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32
+            and macs >= ONEDNN_MIN_MACS and not torch.compiler.is_compiling()
             and not torch.is_autocast_enabled("cpu"))
 
 

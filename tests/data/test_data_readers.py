@@ -67,7 +67,7 @@ def test_headerless_file_with_named_columns_and_explicit_delimiter(write):
 
 
 def test_hugging_face_dataset_saved_to_disk(tmp_path):
-    datasets = pytest.importorskip("datasets")
+    import datasets
     folder = tmp_path / "ds"
     datasets.DatasetDict({
         "train": datasets.Dataset.from_dict({"text": ["a", "b"]}),
@@ -86,7 +86,7 @@ def test_missing_file_and_unknown_source(tmp_path):
     with pytest.raises(DataError, match="unsupported file type '.txt'"):
         (tmp_path / "a.txt").write_text("x")
         records(str(tmp_path / "a.txt"))
-    pytest.importorskip("datasets")
+    import datasets  # noqa: F401
     with pytest.raises(DataError, match="neither a local file nor a loadable data set"):
         records(str(tmp_path / "not-a-dataset-dir"))
 
