@@ -3,6 +3,7 @@ ends on a closed pipe."""
 
 import subprocess
 import sys
+from argparse import Namespace
 
 import pytest
 import torch
@@ -64,6 +65,25 @@ def test_the_extras_table_matches_pyproject():
         listed = {requirement.split(">")[0].split("=")[0].split("[")[0].strip().lower()
                   for requirement in extras[extra]}
         assert set(modules) == listed, extra
+
+
+def test_requires_names_the_extra_of_a_module_missing_at_run_time(monkeypatch, capsys):
+    @support.requires(None)
+    def run(args):
+        import bitsandbytes  # noqa: F401
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed
+    assert run(Namespace(command="cmd")) == 1
+    assert capsys.readouterr().err == "lorafit cmd needs: pip install 'lorafit[quant]' (missing: bitsandbytes)\n"
+
+
+def test_requires_lets_other_import_errors_through():
+    @support.requires("train")
+    def run(args):
+        import transformers.no_such_module  # noqa: F401  (transformers is installed: a real bug)
+
+    with pytest.raises(ModuleNotFoundError, match="transformers.no_such_module"):
+        run(Namespace(command="cmd"))
 
 
 def closed_pipe_run(*args):

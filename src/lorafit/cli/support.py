@@ -19,6 +19,7 @@ EXTRAS: dict[str, dict[str, str]] = {
     "train": {"transformers": "transformers", "pyyaml": "yaml", "tqdm": "tqdm", "matplotlib": "matplotlib"},
     "quant": {"bitsandbytes": "bitsandbytes"},
     "serve": {"transformers": "transformers", "fastapi": "fastapi", "uvicorn": "uvicorn"},
+    "export": {"transformers": "transformers", "gguf": "gguf"},
 }
 PICKLE_HELP = "read adapter_model.bin (pickle) with torch.load(weights_only=True); only for files you trust"
 SIGPIPE_STATUS = 128 + 13  # what a shell reports for a process ended by SIGPIPE
@@ -28,8 +29,8 @@ Run = Callable[[argparse.Namespace], int]
 
 def requires(extra: str | None) -> Callable[[Run], Run]:
     """Decorate a command's run function: it needs the optional dependencies of `extra` (None:
-    the core only). Before it runs, every module of `extra` must be installed; while it runs, a
-    missing module of any extra ends it. Either way the command prints one line,
+    the core only). Before it runs, every module of `extra` must be installed; while it runs, an
+    import of an absent module of any extra ends it. Either way the command prints one line,
     ``lorafit CMD needs: pip install 'lorafit[EXTRA]' (missing: MODULE)``, and returns 1."""
 
     def decorate(run: Run) -> Run:
@@ -44,8 +45,8 @@ def requires(extra: str | None) -> Callable[[Run], Run]:
             except ModuleNotFoundError as exc:
                 module = (exc.name or "").partition(".")[0]
                 owner = extra_of(module, prefer=extra)
-                if owner is None:
-                    raise
+                if owner is None or importlib.util.find_spec(module) is not None:
+                    raise  # not an extra's module, or a broken install of one: the traceback helps
                 return missing_extra(args.command, owner, module)
 
         return checked
