@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from .errors import ConfigError
 from .kinds.linear import LoraLinear
 from .layers import LoraLayer, LoraWeights, ModulesToSave, base_model_of
+from .surgery import has_suffix, replace_module
 
 QUANT_MODES = ("nf4", "fp4", "int8")
 PROBE_ROWS = 8  # rows of the random probe batch used to measure re-quantisation error
@@ -89,15 +90,13 @@ def quantize_model(model: nn.Module, mode: str = "nf4", double_quant: bool = Fal
         raise ConfigError("quantize_model: the model already has LoRA layers; quantise the base before wrap()")
     _bnb()
     for name, module in _plain_linears(model, skip):
-        _set_module(model, name, _quantized_linear(module, mode, double_quant, compute_dtype, blocksize))
+        replace_module(model, name, _quantized_linear(module, mode, double_quant, compute_dtype, blocksize))
     return model
 
 
 def _plain_linears(model: nn.Module, skip: Sequence[str]) -> list[tuple[str, nn.Linear]]:
-    skip = list(skip or ())
     return [(name, m) for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and not is_quantized_linear(m)
-            and not any(name == key or name.endswith("." + key) for key in skip)]
+            if isinstance(m, nn.Linear) and not is_quantized_linear(m) and not has_suffix(name, list(skip or ()))]
 
 
 def _quantized_linear(linear: nn.Linear, mode: str, double_quant: bool, compute_dtype: torch.dtype,
@@ -191,10 +190,10 @@ def dequantize_model(model: nn.Module, dtype: Optional[torch.dtype] = None) -> n
             plain.lora, plain.active, plain.merged = module.lora, module.active, list(module.merged)
             plain.router = module.router
             plain.train(module.training)
-            _set_module(model, name, plain)
+            replace_module(model, name, plain)
     for name, module in list(model.named_modules()):
         if is_quantized_linear(module):
-            _set_module(model, name, _dense(module, dtype))
+            replace_module(model, name, _dense(module, dtype))
     return model
 
 
@@ -337,12 +336,6 @@ def _base_modules(model: nn.Module, prefix: str = "", leaves_only: bool = True):
         yield from _base_modules(child, path, leaves_only)
     if not prefix and not leaves_only:
         yield "", model
-
-
-def _set_module(root: nn.Module, path: str, new: nn.Module) -> None:
-    parent_path, _, child = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
-    setattr(parent, child, new)
 
 
 __all__ = [
