@@ -16,7 +16,7 @@ CHOICES = ("auto", *DTYPES)
 
 def dtype_choice(name: str, where: str = "dtype") -> str:
     """``auto`` or the short name of `name`, given in either spelling; `where` names the option."""
-    short = LONG_NAMES.get(name, name)
+    short = LONG_NAMES.get(name, name) if isinstance(name, str) else None
     if short not in CHOICES:
         raise ConfigError(f"{where}: {name!r} is not a dtype; expected one of {', '.join(CHOICES)} "
                           f"(or {', '.join(LONG_NAMES)})")

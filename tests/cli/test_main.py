@@ -6,12 +6,9 @@ import sys
 from argparse import Namespace
 
 import pytest
-import torch
 
 from lorafit import cli
 from lorafit.cli import support
-from lorafit.dtypes import dtype_choice, torch_dtype
-from lorafit.errors import ConfigError
 
 from cli_support import ENV, REPO
 
@@ -41,13 +38,6 @@ def test_dtype_takes_both_spellings_in_every_command(parser, command, spelling, 
     with pytest.raises(SystemExit):
         parser.parse_args([command, *required, "--dtype", "float64"])
     assert "--dtype: 'float64' is not a dtype; expected one of auto, fp32, bf16, fp16" in capsys.readouterr().err
-
-
-def test_the_dtype_table():
-    assert [torch_dtype(name) for name in ("fp32", "float32", "bf16", "bfloat16", "fp16", "float16")] == [
-        torch.float32, torch.float32, torch.bfloat16, torch.bfloat16, torch.float16, torch.float16]
-    with pytest.raises(ConfigError, match="model.dtype: 'half' is not a dtype"):
-        dtype_choice("half", "model.dtype")
 
 
 def test_help_shows_the_short_dtype_names(capsys):

@@ -26,11 +26,11 @@ from typing import Any, Iterable, Literal, Optional, Sequence
 from ..atomic import atomic_write_text
 from ..config import LoraConfig
 from ..data import DataConfig
+from ..dtypes import dtype_choice
 from ..errors import ConfigError
 from ..schema import apply_overrides, from_dict, to_dict
 
 TASKS = ("auto", "causal_lm", "classification")
-DTYPES = ("auto", "fp32", "bf16", "fp16")
 QUANTIZE_MODES = ("none", "nf4", "fp4", "int8")
 SCHEDULERS = ("cosine", "linear", "constant")
 DISTRIBUTED = ("auto", "none", "ddp", "fsdp")
@@ -51,10 +51,11 @@ class ModelConfig:
     task: Literal["auto", "causal_lm", "classification"] = "auto"
     """``auto``: ``classification`` when ``data.format`` is ``classification``, else ``causal_lm``.
     Classification loads ``AutoModelForSequenceClassification`` with one output per data label."""
-    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    dtype: str = "auto"
     """Weights of the frozen base; ``auto`` is bf16 on a CUDA device that supports it, else fp32
     (CPUs without bf16 hardware are many times slower in bf16). Trainable parameters stay fp32
-    and half-precision forwards run under autocast."""
+    and half-precision forwards run under autocast. ``fp32``, ``bf16``, ``fp16`` or torch's names
+    (``float32``...; `lorafit.dtypes`), kept as the short name."""
     quantize: Literal["none", "nf4", "fp4", "int8"] = "none"
     """Quantize the frozen base weights (`lorafit.quant.quantize_model`)."""
     gradient_checkpointing: bool = False
@@ -66,7 +67,7 @@ class ModelConfig:
         _require(self.name_or_path is None or (isinstance(self.name_or_path, str) and self.name_or_path),
                  "model.name_or_path", self.name_or_path, "a model directory or hub id")
         _require(self.task in TASKS, "model.task", self.task, f"one of {list(TASKS)}")
-        _require(self.dtype in DTYPES, "model.dtype", self.dtype, f"one of {list(DTYPES)}")
+        self.dtype = dtype_choice(self.dtype, "model.dtype")
         _require(self.quantize in QUANTIZE_MODES, "model.quantize", self.quantize, f"one of {list(QUANTIZE_MODES)}")
 
 

@@ -8,12 +8,10 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
+from ..dtypes import DTYPES, torch_dtype
 from ..errors import ConfigError
 from ..model import LoraModel, wrap
 from .config import ModelConfig, RunConfig
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -25,11 +23,11 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if bf16 else torch.float32
-    return _DTYPES[name]
+    return torch_dtype(name)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    return next(name for name, value in _DTYPES.items() if value == dtype)
+    return next(name for name, value in DTYPES.items() if value == dtype)
 
 
 def load_tokenizer(cfg: ModelConfig):
