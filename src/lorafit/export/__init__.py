@@ -17,6 +17,7 @@ from typing import Any
 EXPORTS = {
     "to_gguf": "gguf",
     "adapter_to_gguf": "gguf",
+    "export_gguf": "gguf",
     "rope_permute": "gguf",
     "ARCHITECTURES": "gguf",
     "OUTTYPES": "gguf",
