@@ -6,10 +6,13 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test bench venv clean
 
+# llama-cpp-python (a dev dependency: the GGUF tests run llama.cpp) builds from source, ~5 min on
+# 2 cores; it is built portable (GGML_NATIVE=OFF), so the wheel pip caches and reuses never runs
+# instructions another CPU kind lacks.
 $(STAMP): pyproject.toml constraints-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c constraints-dev.txt torch==2.13.0
-	$(PY) -m pip install -q -c constraints-dev.txt -e '.[dev]'
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PY) -m pip install -q -c constraints-dev.txt -e '.[dev]'
 	touch $(STAMP)
 
 venv: $(STAMP)
