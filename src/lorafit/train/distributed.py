@@ -198,11 +198,27 @@ def init(cfg: TrainConfig) -> Group:
         device = torch.device("cpu")
     owns = not dist.is_initialized()
     if owns:
+        bind_world_lazily()
         timeout = datetime.timedelta(seconds=cfg.dist_timeout_s)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout,
                                 store=_attempt_store(rank, world_size, timeout), rank=rank, world_size=world_size,
                                 device_id=device if device.type == "cuda" else None)
     return Group(mode, device, dist.get_rank(), dist.get_world_size(), owns, cfg.dist_timeout_s)
+
+
+def bind_world_lazily() -> None:
+    """Import, before the process group exists, the torch modules whose functions take the default
+    group (``group.WORLD``) as a default argument value, so that those defaults hold None.
+
+    Imported afterwards (transformers imports FSDP, and FSDP ``torch.distributed.nn``, the first
+    time it loads a model or tokenizer), each default is a reference to the group that nothing
+    can drop: `close` then unregisters the group without freeing it, and its gloo threads (one
+    event loop, two workers) keep running into interpreter shutdown, whose teardown of them now
+    and then ends the process with SIGABRT, more often on a loaded machine.
+    """
+    import torch.distributed.fsdp.sharded_grad_scaler  # noqa: F401
+    import torch.distributed.nn.functional  # noqa: F401
+    import torch.distributed.optim.zero_redundancy_optimizer  # noqa: F401
 
 
 def _attempt_store(rank: int, world_size: int, timeout: datetime.timedelta):
