@@ -22,6 +22,8 @@ SHORT_RUNS = {
                             "data.max_records=300", "data.max_eval_records=64"]),
     "alpaca.yaml": (None, ["train.max_steps=3", "train.batch_size=2", "train.eval_every=2", "train.save_every=2",
                            "data.max_records=40", "data.max_length=256", "data.on_bad_record=skip"]),
+    "dpo.yaml": (None, ["train.max_steps=3", "train.batch_size=2", "train.grad_accum=1", "train.eval_every=2",
+                        "train.save_every=2", "data.max_records=40", "data.max_eval_records=4"]),
 }
 
 

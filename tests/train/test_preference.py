@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lorafit.errors import ConfigError
-from lorafit.testing import DEFAULT_TEXTS
+from lorafit.testing import DEFAULT_TEXTS, tiny_causal_lm_dir
 from lorafit.train import evaluate_config, run_config
 from lorafit.train.checkpoints import list_checkpoints
 from lorafit.train.preference import dpo_losses, log1mexp, orpo_log_odds
@@ -118,6 +118,31 @@ def test_init_adapter_is_the_frozen_reference_and_precomputing_it_changes_nothin
         for key in a:
             if key not in ("tokens_per_s", "elapsed_s"):
                 assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), key
+
+
+@pytest.mark.slow
+def test_dpo_offline_on_the_300_real_pairs(tmp_path, shared_data):
+    """The real pairs as they are, a tiny Llama whose tokenizer was trained on them (so pairs are
+    a few hundred tokens): all 300 read, those longer than max_length skipped and counted."""
+    pairs = shared_data / "preference" / "dpo_en_demo.jsonl"
+    texts = [m["content"] for line in pairs.read_text(encoding="utf-8").splitlines()
+             for field in json.loads(line).values() for m in field]
+    model = tiny_causal_lm_dir(tmp_path / "model", texts=texts, vocab_size=4096)
+    run = tmp_path / "run"
+    summary = train(run_config({
+        "model": {"name_or_path": str(model)},
+        "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
+        "data": {"train_file": str(pairs), "format": "preference", "max_length": 384, "on_bad_record": "skip",
+                 "eval_fraction": 0.1},
+        "train": {"objective": "dpo", "max_steps": 6, "batch_size": 8, "lr": 5e-3, "eval_every": 6},
+        "output": {"dir": str(run), "plot": False},
+    }))
+    data = summary["data"]
+    assert data["train_examples"] + data["eval_examples"] + data["skipped_records"] == 300
+    assert data["train_examples"] >= 150 and data["eval_examples"] >= 15
+    lines = records(run)
+    assert lines[0]["loss"] == pytest.approx(LN2, abs=1e-6)
+    assert 0 <= summary["eval"]["rewards/accuracies"] <= 1 and math.isfinite(summary["eval"]["rewards/margins"])
 
 
 def test_dpo_resume_is_bit_exact(tmp_path, dpo_config, run_files):
