@@ -51,6 +51,7 @@ def test_the_extras_table_matches_pyproject():
     import tomllib
 
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert set(support.EXTRAS) == set(extras) - {"all", "dev"}
     for extra, modules in support.EXTRAS.items():
         listed = {requirement.split(">")[0].split("=")[0].split("[")[0].strip().lower()
                   for requirement in extras[extra]}
