@@ -24,9 +24,22 @@ def dirs(tmp_path_factory):
     return base, trained_adapter(AutoModelForCausalLM.from_pretrained(base), root / "adapter")
 
 
+def llama_logits(path, ids, lora=None) -> np.ndarray:
+    llm = llama_cpp.Llama(model_path=str(path), lora_path=lora and str(lora), logits_all=True, n_ctx=64,
+                          n_threads=2, verbose=False, type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+    llm.eval(ids)
+    return np.array(llm.scores[:len(ids)])
+
+
 @pytest.mark.slow
-def test_export_merged_and_adapter_only(dirs, tmp_path, capsys):
+def test_export_merged_base_and_adapter_only_run_in_llama_cpp(dirs, tmp_path, capsys):
     base, adapter = dirs
+    merged = lorafit.load(AutoModelForCausalLM.from_pretrained(base), adapter).merge_and_unload()
+    ids = AutoTokenizer.from_pretrained(base).encode(SAMPLE_TEXT)
+    with torch.no_grad():
+        expected = merged(input_ids=torch.tensor([ids])).logits[0].numpy()
+    tolerance = 1e-3 * np.abs(expected).max()
+
     out = tmp_path / "model.gguf"
     assert cli.main(["export", "--base", str(base), "--adapter", str(adapter), "--format", "gguf",
                      "--out", str(out), "--outtype", "f32"]) == 0
@@ -34,23 +47,23 @@ def test_export_merged_and_adapter_only(dirs, tmp_path, capsys):
     assert captured.out == f"model written to {out}\n"
     assert "gguf: blk.1 done (3/5 groups" in captured.err
     assert (tmp_path / "Modelfile").read_text().splitlines()[1] == "FROM ./model.gguf"
+    assert np.abs(llama_logits(out, ids) - expected).max() < tolerance
 
-    merged = lorafit.load(AutoModelForCausalLM.from_pretrained(base), adapter).merge_and_unload()
-    ids = AutoTokenizer.from_pretrained(base).encode(SAMPLE_TEXT)
-    with torch.no_grad():
-        expected = merged(input_ids=torch.tensor([ids])).logits[0].numpy()
-    llm = llama_cpp.Llama(model_path=str(out), logits_all=True, n_ctx=64, n_threads=2, verbose=False,
-                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
-    llm.eval(ids)
-    assert np.abs(np.array(llm.scores[:len(ids)]) - expected).max() < 1e-3 * np.abs(expected).max()
-
-    lora = tmp_path / "adapter.gguf"
+    lora, plain = tmp_path / "adapter.gguf", tmp_path / "base.gguf"
     assert cli.main(["export", "--base", str(base), "--adapter", str(adapter), "--out", str(lora),
                      "--adapter-only"]) == 0
+    assert cli.main(["export", "--base", str(base), "--out", str(plain), "--outtype", "f32", "--no-modelfile"]) == 0
+    assert capsys.readouterr().out == f"adapter written to {lora}\nbase model written to {plain}\n"
     reader = gguf.GGUFReader(lora)
     assert reader.fields["general.type"].contents() == "adapter"
     assert {t.tensor_type.name for t in reader.tensors} == {"F32"}
     assert len(reader.tensors) == 2 * 7 * 2  # A and B for seven linear layers in two blocks
+    assert np.abs(llama_logits(plain, ids, lora=lora) - expected).max() < tolerance
+
+
+def test_adapter_only_needs_the_adapter(tmp_path, capsys):
+    assert cli.main(["export", "--base", "b", "--out", str(tmp_path / "a.gguf"), "--adapter-only"]) == 1
+    assert "an adapter-only export needs the adapter directory (--adapter)" in capsys.readouterr().err
 
 
 def test_missing_export_extra_is_one_line(tmp_path, monkeypatch, capsys):

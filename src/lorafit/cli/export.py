@@ -1,4 +1,4 @@
-"""``lorafit export --base MODEL --adapter DIR --format gguf --out FILE [--outtype q8_0] [--adapter-only]``:
+"""``lorafit export --base MODEL [--adapter DIR] --format gguf --out FILE [--outtype q8_0] [--adapter-only]``:
 a GGUF file for llama.cpp, Ollama and LM Studio (`lorafit.export.gguf`)."""
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ def register(subparsers) -> None:
                     "GGUF that llama.cpp applies to the base model's GGUF (--lora).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--base", required=True, help="base model directory or Hub id")
-    p.add_argument("--adapter", required=True, metavar="DIR", help="adapter directory")
+    p.add_argument("--adapter", metavar="DIR",
+                   help="adapter directory; without it the base model is written (the file --adapter-only files "
+                        "are applied to)")
     p.add_argument("--format", choices=["gguf"], default="gguf", help="output format")
     p.add_argument("--out", required=True, metavar="FILE", help="GGUF file to write (replaced atomically)")
     p.add_argument("--outtype", default=None,
@@ -36,5 +38,5 @@ def run(args: argparse.Namespace) -> int:
     out = export_gguf(args.base, args.adapter, args.out, outtype=args.outtype, adapter_only=args.adapter_only,
                       modelfile=not args.no_modelfile, strict=args.strict, allow_pickle=args.allow_pickle,
                       progress=True)
-    print(f"{'adapter' if args.adapter_only else 'model'} written to {out}")
+    print(f"{'adapter' if args.adapter_only else 'model' if args.adapter else 'base model'} written to {out}")
     return 0

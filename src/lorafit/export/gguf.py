@@ -113,23 +113,32 @@ def architecture(config: Any) -> Architecture:
 # -- from files ---------------------------------------------------------------------------------
 
 
-def export_gguf(base: str, adapter: str, out: PathLike, outtype: Optional[str] = None, adapter_only: bool = False,
-                modelfile: bool = True, strict: bool = False, allow_pickle: bool = False,
+def export_gguf(base: str, adapter: Optional[str], out: PathLike, outtype: Optional[str] = None,
+                adapter_only: bool = False, modelfile: bool = True, strict: bool = False, allow_pickle: bool = False,
                 progress: Union[bool, TextIO] = False) -> Path:
     """``lorafit export``: load `base` (directory or Hub id) with the adapter directory `adapter`
     (`lorafit.export.merged.load_adapted`) and write the merged model (`to_gguf`, default
     outtype f16, tokenizer from the adapter directory or else the base) or, with
-    `adapter_only`, the adapter alone (`adapter_to_gguf`, default outtype f32)."""
+    `adapter_only`, the adapter alone (`adapter_to_gguf`, default outtype f32). Without
+    `adapter`, the base model itself is written: the file an adapter-only GGUF is applied to."""
+    import transformers
+
     from .merged import find_tokenizer, load_adapted
 
-    adapted, _ = load_adapted(base, adapter, strict=strict, allow_pickle=allow_pickle)
-    if adapter_only:
-        return adapter_to_gguf(adapted, out, outtype=outtype or "f32", progress=progress)
-    tokenizer = find_tokenizer(adapter, base)
+    if adapter is None:
+        if adapter_only:
+            raise ExportError("an adapter-only export needs the adapter directory (--adapter)")
+        model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    else:
+        adapted, _ = load_adapted(base, adapter, strict=strict, allow_pickle=allow_pickle)
+        if adapter_only:
+            return adapter_to_gguf(adapted, out, outtype=outtype or "f32", progress=progress)
+        model = adapted.merge_and_unload(safe=True)
+    sources = [base] if adapter is None else [adapter, base]
+    tokenizer = find_tokenizer(*sources)
     if tokenizer is None:
-        raise ExportError(f"no tokenizer loads from {adapter!r} or {base!r}; a GGUF model file needs one")
-    return to_gguf(adapted.merge_and_unload(safe=True), out, tokenizer, outtype=outtype or "f16",
-                   modelfile=modelfile, progress=progress)
+        raise ExportError(f"no tokenizer loads from {' or '.join(map(repr, sources))}; a GGUF model file needs one")
+    return to_gguf(model, out, tokenizer, outtype=outtype or "f16", modelfile=modelfile, progress=progress)
 
 
 # -- merged model ------------------------------------------------------------------------------
