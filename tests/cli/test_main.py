@@ -68,6 +68,11 @@ def test_requires_names_the_extra_of_a_module_missing_at_run_time(monkeypatch, c
     assert capsys.readouterr().err == "lorafit cmd needs: pip install 'lorafit[quant]' (missing: bitsandbytes)\n"
 
 
+def test_requires_refuses_an_unknown_extra():
+    with pytest.raises(ValueError, match="requires\\('trian'\\): not an extra"):
+        support.requires("trian")
+
+
 def test_requires_lets_other_import_errors_through():
     @support.requires("train")
     def run(args):

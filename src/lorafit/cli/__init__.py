@@ -28,7 +28,7 @@ def command_modules() -> list[ModuleType]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lorafit",
-        description="LoRA fine-tuning: train, inspect, merge, evaluate, generate and serve adapters.",
+        description="LoRA fine-tuning from the command line; `lorafit COMMAND --help` describes each command.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")

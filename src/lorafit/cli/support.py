@@ -32,6 +32,8 @@ def requires(extra: str | None) -> Callable[[Run], Run]:
     the core only). Before it runs, every module of `extra` must be installed; while it runs, an
     import of an absent module of any extra ends it. Either way the command prints one line,
     ``lorafit CMD needs: pip install 'lorafit[EXTRA]' (missing: MODULE)``, and returns 1."""
+    if extra is not None and extra not in EXTRAS:
+        raise ValueError(f"requires({extra!r}): not an extra; expected one of {sorted(EXTRAS)} or None")
 
     def decorate(run: Run) -> Run:
         @functools.wraps(run)
