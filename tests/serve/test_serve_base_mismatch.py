@@ -1,10 +1,10 @@
-"""lorafit serve refuses an adapter saved on another base model (a 400 naming the flag) unless
-started with --allow-base-mismatch."""
+"""lorafit serve refuses an adapter saved on another base model (at start-up, and with a 400 naming
+the flag for one that is loaded later) unless started with --allow-base-mismatch."""
 
 import warnings
 
 import pytest
-import torch
+from transformers import AutoModelForCausalLM
 
 import lorafit
 from lorafit.adapter_files import AdapterFileWarning
@@ -51,3 +51,22 @@ def test_serve_command_takes_the_flag():
     options = {name: value for name, value in vars(args).items() if name not in ("command", "func")}
     assert LaunchConfig(**options).allow_base_mismatch is True
     assert build_parser().parse_args(["serve", "--base", "b"]).allow_base_mismatch is False
+
+
+def test_start_up_names_every_adapter_saved_on_another_base(other_base_adapter, tmp_path):
+    from lorafit.serve.launch import build_engine
+    from lorafit.testing import tiny_causal_lm_dir
+
+    base_dir = tiny_causal_lm_dir(tmp_path / "base")
+    adapters = tmp_path / "adapters"
+    same = lorafit.wrap(AutoModelForCausalLM.from_pretrained(base_dir), lorafit.LoraConfig(r=2, target_modules=["q_proj"]))
+    same.save_adapter(adapters / "same")
+    other = lorafit.wrap(tiny_llama(seed=1), lorafit.LoraConfig(r=2, target_modules=["q_proj"]))
+    other.save_adapter(adapters / "other")
+    with pytest.raises(BaseModelMismatch) as info:
+        build_engine(LaunchConfig(base=str(base_dir), adapters=adapters))
+    message = str(info.value)
+    assert message.startswith("1 adapter(s) were saved on another base model: other (")
+    assert "same" not in message and message.endswith("serving them needs --allow-base-mismatch")
+    engine, _ = build_engine(LaunchConfig(base=str(base_dir), adapters=adapters, allow_base_mismatch=True))
+    assert engine.adapters.names() == ["other", "same"]

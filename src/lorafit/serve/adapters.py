@@ -16,6 +16,7 @@ import threading
 from collections import Counter, OrderedDict
 from pathlib import Path
 
+from ..adapter_files import plan, read_adapter_dir
 from ..adapter_files.fingerprints import BaseModelMismatch
 from ..errors import AdapterError, AdapterFileError
 
@@ -72,8 +73,9 @@ class AdapterPool:
     """Known adapters (name -> directory) and an LRU of at most `capacity` loaded into `model`.
 
     `model` is a `lorafit.LoraModel` (`load_adapter`, `delete_adapter`). An adapter whose saved
-    base-model fingerprint differs from `model` is refused (`BaseModelMismatch`, a 400 for the
-    request that needed it) unless `allow_base_mismatch`, when it loads with a warning.
+    base-model fingerprint differs from `model` is refused (`BaseModelMismatch`: at start-up
+    through `refuse_other_bases`, a 400 for a request that loads it) unless `allow_base_mismatch`,
+    when it loads with a warning.
     """
 
     def __init__(self, model, paths: dict[str, Path], capacity: int, reserved: tuple[str, ...] = (),
@@ -101,6 +103,22 @@ class AdapterPool:
     @property
     def loaded(self) -> list[str]:
         return list(self._loaded)
+
+    def refuse_other_bases(self) -> None:
+        """Raise `BaseModelMismatch` naming every known adapter saved on another base model,
+        checked as a strict load would be but without changing the model (``lorafit serve``
+        calls this at start-up). Other problems are left to the load that meets them."""
+        mismatched = []
+        for name in self.names():
+            try:
+                plan(self._model.model, read_adapter_dir(self.path(name)), strict=True)
+            except BaseModelMismatch as exc:
+                mismatched.append(f"{name} ({exc})")
+            except AdapterFileError:
+                continue
+        if mismatched:
+            raise BaseModelMismatch(f"{len(mismatched)} adapter(s) were saved on another base model: "
+                                    f"{'; '.join(mismatched)}; serving them needs --allow-base-mismatch")
 
     def acquire(self, name: str) -> None:
         """Make sure `name` is loaded and count one more user of it.

@@ -62,6 +62,8 @@ def build_engine(config: LaunchConfig) -> tuple[Engine, ServeSettings]:
     found = discover(config.adapters, reserved) if config.adapters else {}
     model = LoraModel(hf_model)
     pool = AdapterPool(model, found, config.max_adapters, reserved, config.allow_base_mismatch)
+    if not config.allow_base_mismatch:
+        pool.refuse_other_bases()
     engine = Engine(model, tokenizer, pool, max_batch=config.max_batch, max_model_len=config.max_model_len)
     settings = ServeSettings(base_name=config.base_name, api_key=config.api_key,
                              default_max_tokens=config.default_max_tokens)
