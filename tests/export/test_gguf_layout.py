@@ -16,7 +16,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply
 import lorafit
 from lorafit.errors import ExportError
 from lorafit.export import ARCHITECTURES, adapter_to_gguf, rope_permute, to_gguf
-from lorafit.export.gguf import ADAPTER_ONLY_REFUSALS
+from lorafit.export.gguf import ADAPTER_ONLY_REFUSALS, llama3_rope_factors
 
 from gguf_models import LORA, tiny_model, tokenizer_for, trained_adapter
 
@@ -69,6 +69,23 @@ def test_rope_permute_by_hand():
     """Head of 4 dims: rows (0, 1 | 2, 3) pair as (0, 2), (1, 3) in HF and become 0, 2, 1, 3."""
     rows = torch.arange(8.0)[:, None]
     assert rope_permute(rows, 2).flatten().tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
+
+
+def test_llama3_rope_factors_are_hf_frequencies_over_the_scaled_ones(tmp_path):
+    """rope_freqs holds f_i / f'_i with f'_i transformers' Llama 3.1 frequencies; all three bands
+    (unscaled, scaled by 8, smoothed) occur."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    model = tiny_model("llama3", 32)
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](model.config, "cpu")
+    plain = 10000.0 ** (-torch.arange(0, 16, 2).double() / 16)
+    factors = llama3_rope_factors(model.config.rope_parameters, 16)
+    torch.testing.assert_close(factors, (plain / scaled.double()).float())
+    assert factors[0] == 1 and factors[-1] == 8 and ((factors > 1) & (factors < 8)).any()
+    tokenizer = tokenizer_for("llama3", tmp_path)
+    reader, meta = fields(to_gguf(tiny_model("llama3", len(tokenizer)), tmp_path / "m.gguf", tokenizer))
+    np.testing.assert_array_equal(tensor(reader, "rope_freqs.weight"), factors.numpy())
+    assert meta["tokenizer.ggml.pre"] == "llama-bpe"
 
 
 def test_merged_f32_tensors_are_the_merged_weights(llama, tmp_path):

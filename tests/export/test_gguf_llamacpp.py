@@ -19,7 +19,7 @@ from lorafit.export import adapter_to_gguf, to_gguf
 from gguf_models import SAMPLE_TEXT, tiny_model, tokenizer_for, trained_adapter
 
 pytestmark = pytest.mark.slow
-KINDS = ["llama", "qwen2", "mistral"]
+KINDS = ["llama", "qwen2", "mistral", "llama3"]  # llama3: Llama 3.1 rope scaling, Llama 3 tokenizer
 GREEDY_TOKENS = 20
 
 

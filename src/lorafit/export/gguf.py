@@ -101,6 +101,23 @@ def rope_permute(rows: Tensor, n_heads: int) -> Tensor:
     return rows.reshape(n_heads, 2, d // 2, *rows.shape[1:]).transpose(1, 2).reshape(rows.shape)
 
 
+def llama3_rope_factors(rope: dict, head_dim: int) -> Tensor:
+    """The divisors [head_dim / 2] that turn each rope frequency f_i = θ^(-2i/d) into Llama 3.1's
+    (rope_type ``llama3``), written as llama.cpp's ``rope_freqs`` tensor (it rotates by f_i /
+    factor_i). With wavelength λ_i = 2π / f_i, original context L, scale k and the low/high
+    frequency factors a, b: factor 1 where λ_i < L / b, k where λ_i > L / a, and in between
+    ``1 / ((1 - t) / k + t)`` with ``t = (L / λ_i - a) / (b - a)``."""
+    theta, k = float(rope["rope_theta"]), float(rope["factor"])
+    low, high = float(rope["low_freq_factor"]), float(rope["high_freq_factor"])
+    context = float(rope["original_max_position_embeddings"])
+    freqs = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    wavelength = 2 * torch.pi / freqs
+    smooth = (context / wavelength - low) / (high - low)
+    factors = 1 / ((1 - smooth) / k + smooth)
+    factors = torch.where(wavelength < context / high, torch.ones_like(factors), factors)
+    return torch.where(wavelength > context / low, torch.full_like(factors, k), factors).float()
+
+
 def architecture(config: Any) -> Architecture:
     """The llama.cpp architecture of a Hugging Face `config`; `ExportError` lists the supported ones."""
     model_type = getattr(config, "model_type", None)
@@ -215,6 +232,12 @@ def _model_tensors(model: nn.Module, config: Any, arch: Architecture) -> list[tu
     if unknown:
         raise ExportError(f"{type(model).__name__} has weights without a GGUF name for {arch.name}: "
                           f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
+    rope = _rope_parameters(config)
+    if rope["rope_type"] == "llama3":
+        if gguf.MODEL_TENSOR.ROPE_FREQS not in gguf.MODEL_TENSORS[arch.arch]:
+            raise ExportError(f"rope type 'llama3' needs a rope_freqs tensor, which llama.cpp's {arch.name} lacks")
+        tensors.append((gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight",
+                        llama3_rope_factors(rope, _head_dim(config))))
     return tensors
 
 
@@ -234,7 +257,7 @@ def _rope_layout(name: str, tensor: Tensor, heads: dict[str, int], arch: Archite
 def _add_hyperparameters(writer: gguf.GGUFWriter, config: Any, n_vocab: int) -> None:
     """The ``<arch>.*`` keys llama.cpp reads for a llama-family model."""
     n_heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+    head_dim = _head_dim(config)
     writer.add_vocab_size(n_vocab)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
@@ -247,15 +270,28 @@ def _add_hyperparameters(writer: gguf.GGUFWriter, config: Any, n_vocab: int) -> 
     if head_dim * n_heads != config.hidden_size:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
-    rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
-    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type == "linear":
+    rope = _rope_parameters(config)
+    writer.add_rope_freq_base(rope["rope_theta"])
+    if rope["rope_type"] == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(rope["factor"]))
-    elif rope_type != "default":
-        raise ExportError(f"config rope type {rope_type!r} is not supported by lorafit's GGUF export; "
-                          "supported: default, linear")
+
+
+def _head_dim(config: Any) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _rope_parameters(config: Any) -> dict:
+    """The config's rope settings (transformers 5 ``rope_parameters``, older ``rope_scaling`` and
+    ``rope_theta``) with ``rope_type`` and ``rope_theta`` always set; `ExportError` for a rope
+    type llama.cpp's llama/qwen2 cannot reproduce from lorafit's file."""
+    rope = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    rope["rope_type"] = rope.get("rope_type", rope.get("type", "default"))
+    rope["rope_theta"] = float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+    if rope["rope_type"] not in ("default", "linear", "llama3"):
+        raise ExportError(f"config rope type {rope['rope_type']!r} is not supported by lorafit's GGUF export; "
+                          "supported: default, linear, llama3")
+    return rope
 
 
 def _model_name(config: Any) -> str:

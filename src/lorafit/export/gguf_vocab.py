@@ -43,6 +43,9 @@ PRE_TOKENIZERS = {
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
     r"|\s+(?!\S)|\s+": "qwen2",
 }
+# pre-tokenizers for which llama.cpp takes a whole pre-token that is in the vocabulary as one token
+# before merging (tokenizer.json's BPE ``ignore_merges``); the others always merge
+IGNORE_MERGES = {"llama-bpe"}
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
@@ -123,7 +126,12 @@ def gguf_vocab(tokenizer: Any, n_vocab: int) -> GgufVocab:
 
 def _byte_level(spec, pieces, added, merges, n_vocab) -> GgufVocab:
     tokens, types = _tokens_and_types(pieces, added, n_vocab, lambda i, piece: NORMAL)
-    return GgufVocab(model="gpt2", tokens=tokens, types=types, pre=_pre_tokenizer(spec.get("pre_tokenizer")),
+    pre = _pre_tokenizer(spec.get("pre_tokenizer"))
+    if bool(spec["model"].get("ignore_merges")) != (pre in IGNORE_MERGES):
+        raise ExportError(f"tokenizer.json model.ignore_merges = {spec['model'].get('ignore_merges')} does not match "
+                          f"llama.cpp's {pre!r} pre-tokenizer, which {'takes' if pre in IGNORE_MERGES else 'never takes'}"
+                          " a whole pre-token from the vocabulary before merging")
+    return GgufVocab(model="gpt2", tokens=tokens, types=types, pre=pre,
                      merges=[" ".join(_escape_space(part) for part in pair) for pair in merges])
 
 
