@@ -78,22 +78,27 @@ def disjoint_mean(tensors: Sequence[Tensor], weights: Sequence[float], method: s
 
 
 def linear(tensors, weights, density, method, generator) -> Tensor:
+    """``Σ w_i t_i``."""
     return weighted_sum(tensors, weights)
 
 
 def magnitude_prune(tensors, weights, density, method, generator) -> Tensor:
+    """``Σ w_i M_k(t_i)``."""
     return weighted_sum([magnitude_mask(t, density) for t in tensors], weights)
 
 
 def ties(tensors, weights, density, method, generator) -> Tensor:
+    """TIES: disjoint mean of the trimmed ``M_k(t_i)``."""
     return disjoint_mean([magnitude_mask(t, density) for t in tensors], weights, method)
 
 
 def dare_linear(tensors, weights, density, method, generator) -> Tensor:
+    """``Σ w_i t_i ⊙ m_i / density``."""
     return weighted_sum([random_drop(t, density, generator) for t in tensors], weights)
 
 
 def dare_ties(tensors, weights, density, method, generator) -> Tensor:
+    """TIES' disjoint mean of DARE's ``t_i ⊙ m_i / density``."""
     return disjoint_mean([random_drop(t, density, generator) for t in tensors], weights, method)
 
 
