@@ -59,6 +59,8 @@ OUTTYPES = {
     "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
 }
 MODELFILE_NAME = "Modelfile"
+# a tensor to write: (GGUF name, tensor, head count to rope-permute its rows with, or None)
+Planned = tuple[str, Tensor, Optional[int]]
 
 
 @dataclass(frozen=True)
@@ -180,7 +182,7 @@ def to_gguf(model: nn.Module, out: PathLike, tokenizer: Any, outtype: str = "f16
     arch = architecture(config)
     _check_outtype(outtype)
     tensors = _model_tensors(model, config, arch)
-    n_vocab = dict(tensors)["token_embd.weight"].shape[0]
+    n_vocab = next(tensor for name, tensor, _ in tensors if name == "token_embd.weight").shape[0]
     vocab = gguf_vocab(tokenizer, n_vocab)
 
     def keys(writer: gguf.GGUFWriter) -> None:
@@ -210,8 +212,9 @@ def modelfile_text(gguf_name: str, vocab: GgufVocab) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _model_tensors(model: nn.Module, config: Any, arch: Architecture) -> list[tuple[str, Tensor]]:
-    """(GGUF name, tensor laid out for llama.cpp) for every weight of `model`, in file order.
+def _model_tensors(model: nn.Module, config: Any, arch: Architecture) -> list[Planned]:
+    """(GGUF name, tensor, heads to rope-permute its rows with or None) for every weight of
+    `model`, in file order.
 
     An output head that is the embedding (tied) is left out: llama.cpp then reuses token_embd.
     A weight the mapping has no name for is refused rather than dropped."""
@@ -228,7 +231,7 @@ def _model_tensors(model: nn.Module, config: Any, arch: Architecture) -> list[tu
             continue
         if name == "output.weight" and _tied(tensor, state):
             continue
-        tensors.append((name, _rope_layout(name, tensor.detach(), heads, arch)))
+        tensors.append((name, tensor.detach(), _rope_heads(name, heads, arch)))
     if unknown:
         raise ExportError(f"{type(model).__name__} has weights without a GGUF name for {arch.name}: "
                           f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}")
@@ -237,7 +240,7 @@ def _model_tensors(model: nn.Module, config: Any, arch: Architecture) -> list[tu
         if gguf.MODEL_TENSOR.ROPE_FREQS not in gguf.MODEL_TENSORS[arch.arch]:
             raise ExportError(f"rope type 'llama3' needs a rope_freqs tensor, which llama.cpp's {arch.name} lacks")
         tensors.append((gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight",
-                        llama3_rope_factors(rope, _head_dim(config))))
+                        llama3_rope_factors(rope, _head_dim(config)), None))
     return tensors
 
 
@@ -246,12 +249,11 @@ def _tied(head: Tensor, state: dict[str, Tensor]) -> bool:
     return head is embed or (head.shape == embed.shape and torch.equal(head, embed))
 
 
-def _rope_layout(name: str, tensor: Tensor, heads: dict[str, int], arch: Architecture) -> Tensor:
-    """`tensor` (a weight, bias or lora_B of GGUF tensor `name`) in llama.cpp's rope layout."""
+def _rope_heads(name: str, heads: dict[str, int], arch: Architecture) -> Optional[int]:
+    """The head count to `rope_permute` the rows of GGUF tensor `name` (a weight, bias or lora_B)
+    with for llama.cpp's rope layout, or None when it keeps its layout."""
     kind = name.split(".")[2] if name.startswith("blk.") else ""
-    if arch.rope_permute and kind in ("attn_q", "attn_k"):
-        return rope_permute(tensor, heads[kind[-1]])
-    return tensor
+    return heads[kind[-1]] if arch.rope_permute and kind in ("attn_q", "attn_k") else None
 
 
 def _add_hyperparameters(writer: gguf.GGUFWriter, config: Any, n_vocab: int) -> None:
@@ -342,8 +344,8 @@ def adapter_to_gguf(model: LoraModel, out: PathLike, adapter_name: Optional[str]
         if target is None:
             raise ExportError(f"adapter {name!r} targets {module!r}, which has no GGUF tensor for {arch.name}")
         fold = weights.scaling * weights.rank / alpha
-        tensors.append((f"{target}.lora_a", weights.A.detach()))
-        tensors.append((f"{target}.lora_b", _rope_layout(target, weights.B.detach() * fold, heads, arch)))
+        tensors.append((f"{target}.lora_a", weights.A.detach(), None))
+        tensors.append((f"{target}.lora_b", weights.B.detach() * fold, _rope_heads(target, heads, arch)))
 
     def keys(writer: gguf.GGUFWriter) -> None:
         writer.add_type(gguf.GGUFType.ADAPTER)
@@ -408,15 +410,16 @@ def _nbytes(shape: Sequence[int], qtype: gguf.GGMLQuantizationType) -> int:
 
 
 def _write_gguf(path: Path, arch: Architecture, keys: Callable[[gguf.GGUFWriter], None],
-                tensors: Iterable[tuple[str, Tensor]], outtype: str, progress: Union[bool, TextIO]) -> None:
-    """Write a GGUF file at `path`: `keys` adds the metadata, then each tensor is converted to its
-    type and written in turn (one converted tensor in memory at a time)."""
-    plan = [(name, tensor, _tensor_type(tensor, outtype)) for name, tensor in tensors]
+                tensors: Iterable[Planned], outtype: str, progress: Union[bool, TextIO]) -> None:
+    """Write a GGUF file at `path`: `keys` adds the metadata, then each tensor is laid out
+    (rope-permuted), converted to its type and written in turn, so one converted tensor at a time
+    is held in memory beside the model."""
+    plan = [(name, tensor, heads, _tensor_type(tensor, outtype)) for name, tensor, heads in tensors]
     writer = gguf.GGUFWriter(path=None, arch=arch.name)
     keys(writer)
     writer.add_file_type(OUTTYPES[outtype][1])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    for name, tensor, qtype in plan:
+    for name, tensor, _, qtype in plan:
         writer.add_tensor_info(name, tuple(tensor.shape), np.dtype(np.float32), _nbytes(tensor.shape, qtype),
                                raw_dtype=qtype)
     stream = (sys.stderr if progress is True else progress) or None
@@ -425,8 +428,8 @@ def _write_gguf(path: Path, arch: Architecture, keys: Callable[[gguf.GGUFWriter]
         writer.write_header_to_file(path=path)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        for name, tensor, qtype in plan:
-            writer.write_tensor_data(_encode(tensor, qtype))
+        for name, tensor, heads, qtype in plan:
+            writer.write_tensor_data(_encode(tensor if heads is None else rope_permute(tensor, heads), qtype))
             if report:
                 report.written(name, _nbytes(tensor.shape, qtype))
     finally:
@@ -437,13 +440,13 @@ class _Progress:
     """One line per tensor group (``blk.N``, ``token_embd``, ...) once all its tensors are written:
     ``gguf: blk.3 done (5/34 groups, 1.20 GiB of 13.48 GiB)``."""
 
-    def __init__(self, plan: Sequence[tuple[str, Tensor, Any]], stream: TextIO):
+    def __init__(self, plan: Sequence[tuple[str, Tensor, Any, Any]], stream: TextIO):
         self.stream = stream
         self.left: dict[str, int] = {}
-        for name, _, _ in plan:
+        for name, *_ in plan:
             self.left[_group(name)] = self.left.get(_group(name), 0) + 1
         self.total_groups = len(self.left)
-        self.total_bytes = sum(_nbytes(tensor.shape, qtype) for _, tensor, qtype in plan)
+        self.total_bytes = sum(_nbytes(tensor.shape, qtype) for _, tensor, _, qtype in plan)
         self.done_groups, self.done_bytes = 0, 0
 
     def written(self, name: str, nbytes: int) -> None:
