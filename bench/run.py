@@ -17,7 +17,9 @@ Cases (each worker's docstring has the details):
 * ``merge``: merge_and_unload, adapter save and adapter load;
 * ``qlora``: the train step on an NF4 base;
 * ``sft``: end-to-end supervised fine-tuning, ``lorafit.train`` vs TRL's SFTTrainer + PEFT
-  (skipped when the data file is absent).
+  (skipped when the data file is absent);
+* ``dpo``: one DPO epoch end to end, ``lorafit.train`` vs TRL's DPOTrainer + PEFT (bench/dpo.py;
+  skipped when the data file is absent).
 
 The model is a randomly initialised Llama (`lorafit.testing.tiny_llama`) whose shape `--size`
 picks; it runs on CUDA when a GPU is present, else on the CPU, in fp32. "base" is always the plain
@@ -28,6 +30,7 @@ PyTorch model: on x86 CPUs lorafit's layers run their fp32 products through oneD
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import platform
@@ -38,6 +41,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
+
+from lorafit.hardware import cpu_bf16_units, cpu_model
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -50,13 +55,14 @@ SIZES = {
     # the issue's tiny-but-real Llama: 6 layers, hidden 512, vocab 8000, batch 4 x 256
     "default": dict(layers=6, hidden=512, heads=8, intermediate=1376, vocab=8000, batch=4, seq=256, steps=4,
                     infer_batch=8, infer_seq=128, infer_iters=5, file_iters=3,
-                    sft_model="default", sft_train=200, sft_eval=50, sft_repeats=1),
+                    sft_model="default", sft_train=200, sft_eval=50, sft_repeats=1,
+                    dpo_train=256, dpo_eval=44),
     "tiny": dict(layers=2, hidden=64, heads=4, intermediate=128, vocab=512, batch=2, seq=32, steps=2,
                  infer_batch=8, infer_seq=16, infer_iters=2, file_iters=1,
-                 sft_model="tiny", sft_train=16, sft_eval=8, sft_repeats=1),
+                 sft_model="tiny", sft_train=16, sft_eval=8, sft_repeats=1, dpo_train=8, dpo_eval=4),
     "large": dict(layers=12, hidden=1024, heads=16, intermediate=2816, vocab=32000, batch=4, seq=512, steps=4,
                   infer_batch=8, infer_seq=256, infer_iters=5, file_iters=3,
-                  sft_model="default", sft_train=900, sft_eval=99, sft_repeats=1),
+                  sft_model="default", sft_train=900, sft_eval=99, sft_repeats=1, dpo_train=256, dpo_eval=44),
 }
 
 
@@ -383,6 +389,17 @@ def worker_sft(side, size, workdir):
     return {**facts, "peak_total_mb": memory.above_start_mb}
 
 
+def worker_dpo(side, size, workdir):
+    """Case 6: one DPO epoch end to end on the pairs and model `dpo.prepare` wrote (see
+    bench/dpo.py); the peak memory covers the whole run."""
+    import dpo
+
+    memory = PeakMemory(_device())
+    with memory:
+        facts = dpo.run(side, Path(workdir))
+    return {**facts, "peak_total_mb": memory.above_start_mb}
+
+
 @dataclass(frozen=True)
 class Case:
     worker: Callable[[str, str, Optional[str]], dict]
@@ -395,6 +412,7 @@ CASES = {
     "merge": Case(worker_merge),
     "qlora": Case(worker_qlora),
     "sft": Case(worker_sft, repeats_key="sft_repeats"),
+    "dpo": Case(worker_dpo, repeats_key="sft_repeats"),
 }
 SIDES = ("peft", "lorafit")
 
@@ -485,13 +503,12 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="lorafit-bench-") as tmp:
         for case in cases:
             workdir = None
-            if case == "sft":
-                import sft
-
+            if case in ("sft", "dpo"):
+                module = importlib.import_module(case)  # bench/sft.py or bench/dpo.py
                 s = SIZES[args.size]
-                workdir = sft.prepare(Path(tmp), s, SIZES[s["sft_model"]])
+                workdir = module.prepare(Path(tmp), s, SIZES[s["sft_model"]])
                 if workdir is None:
-                    results["skipped"][case] = f"{sft.DATA} not found"
+                    results["skipped"][case] = f"{module.DATA} not found"
                     print(f"{case}: skipped ({results['skipped'][case]})", flush=True)
                     continue
             started = time.perf_counter()
@@ -516,18 +533,11 @@ def _machine() -> dict:
     import torch
 
     return {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
-            "cpu_model": _cpu_model(),
+            "cpu_model": cpu_model(),
+            "cpu_bf16": ", ".join(cpu_bf16_units()) or "none",
             "threads": torch.get_num_threads(),
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "load_avg_1min": os.getloadavg()[0]}
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -569,6 +579,11 @@ ROWS = [
     Row("SFT end to end: eval loss", _get("sft", "eval_loss"), Target("ratio", 1.02)),
     Row("SFT end to end: optimizer steps", _get("sft", "steps")),
     Row("SFT end to end: peak memory (MB)", _get("sft", "peak_total_mb")),
+    Row("DPO epoch end to end: wall time (s)", _get("dpo", "wall_s"), Target("ratio", 0.5)),
+    Row("DPO epoch end to end: peak memory (MB)", _get("dpo", "peak_total_mb"), Target("ratio", 0.7)),
+    Row("DPO: held-out reward accuracy", _get("dpo", "reward_accuracy")),
+    Row("DPO: held-out reward margin", _get("dpo", "reward_margin")),
+    Row("DPO: optimizer steps", _get("dpo", "steps")),
     Row("QLoRA nf4: frozen base bytes / fp32", _get("qlora", "base_bytes_ratio"), Target("lorafit", 0.3)),
     Row("QLoRA nf4: blocks' linear layer bytes / fp32", _get("qlora", "linear_bytes_ratio")),
     Row("QLoRA nf4: train step (s)", _get("qlora", "step_s")),
@@ -621,7 +636,8 @@ def render_table(results: dict) -> str:
     m = results["machine"]
     repeats = ", ".join(f"{case} {c['repeats']}" for case, c in results["cases"].items())
     lines += ["", f"size `{results['size']}`; medians of alternating runs in fresh processes ({repeats}); "
-                  f"{m['device']} ({m['cpu_model']}), {m['cpus']} CPUs, torch {m['torch']}, Python {m['python']}; "
+                  f"{m['device']} ({m['cpu_model']}, bf16 matrix units: {m.get('cpu_bf16', 'not recorded')}), "
+                  f"{m['cpus']} CPUs, torch {m['torch']}, Python {m['python']}; "
                   f"1-min load average {m['load_avg_1min']:.2f} at the start{_load_peak(results)}.", ""]
     lines += [f"- {note}" for note in _notes(results)]
     return "\n".join(lines)
@@ -647,6 +663,11 @@ def _notes(results: dict) -> list[str]:
         notes.append("SFT: the PEFT column is TRL's SFTTrainer with PEFT (no packing, no gradient checkpointing); "
                      "lorafit batches by length, 8 examples per step as well; one evaluator computes both eval "
                      "losses on the same tokens (bench/sft.py).")
+    if "dpo" in cases:
+        notes.append(f"DPO: the PEFT column is TRL's DPOTrainer with PEFT; both take the reference from the "
+                     f"disabled adapter, on the fly; reward accuracy and margin on "
+                     f"{cases['dpo']['lorafit']['held_out_pairs']:.0f} held-out pairs by one evaluator (bench/dpo.py), "
+                     f"too few pairs for a target.")
     if "qlora" in cases:
         q = cases["qlora"]["lorafit"]
         kept = 1 - (1 - q["base_bytes_ratio"]) / (1 - q["linear_bytes_ratio"])  # fp32 share left unquantised

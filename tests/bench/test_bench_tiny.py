@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-CASES = {"train", "infer", "merge", "qlora", "sft"}
+CASES = {"train", "infer", "merge", "qlora", "sft", "dpo"}
 
 
 @pytest.mark.slow
@@ -32,6 +32,10 @@ def test_the_benchmark_runs_at_tiny_size(tmp_path):
         sft = results["cases"]["sft"]
         assert sft["peft"]["same_tokens"] == 1.0  # TRL and lorafit trained on the same tokens
         assert sft["peft"]["steps"] == sft["lorafit"]["steps"]
+    if "dpo" in results["cases"]:
+        dpo = results["cases"]["dpo"]
+        assert dpo["peft"]["steps"] == dpo["lorafit"]["steps"] > 0
+        assert all(0 <= dpo[side]["reward_accuracy"] <= 1 for side in ("peft", "lorafit"))
     rows = results["rows"]
     assert rows and all(r["lorafit"] is not None for r in rows)
     assert all(isinstance(r["met"], bool) for r in rows if r["target"])
