@@ -16,7 +16,7 @@ import torch
 import lorafit
 from lorafit.export import adapter_to_gguf, to_gguf
 
-from gguf_models import SAMPLE_TEXT, tiny_model, tokenizer_for, trained_adapter
+from gguf_models import SAMPLE_TEXT, sentencepiece_tokenizer, tiny_model, tokenizer_for, trained_adapter
 
 pytestmark = pytest.mark.slow
 KINDS = ["llama", "qwen2", "mistral", "llama3"]  # llama3: Llama 3.1 rope scaling, Llama 3 tokenizer
@@ -110,3 +110,23 @@ def test_embedded_tokenizer_encodes_like_hf(exported):
     # llama-cpp-python joins the pieces as they are: SentencePiece's prefix space stays in front
     assert vocab.detokenize(tokenizer.encode(SAMPLE_TEXT, add_special_tokens=False)).decode().lstrip(" ") == \
         SAMPLE_TEXT
+
+
+def test_llama2_style_tokenizer_json_encodes_like_hf(tmp_path):
+    """Llama 2's published tokenizer.json spells the SentencePiece space handling as a normaliser
+    (Prepend ▁, Replace ' ' -> ▁) with no pre-tokenizer; the GGUF tokenizer must follow it too."""
+    import json
+
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    spec = json.loads(sentencepiece_tokenizer(tmp_path / "spm").backend_tokenizer.to_str())
+    spec["pre_tokenizer"] = None
+    spec["normalizer"] = {"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "▁"}, {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]}
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), bos_token="<s>",
+                                        eos_token="</s>", unk_token="<unk>")
+    model = tiny_model("llama", len(tokenizer))
+    vocab = llama_cpp.Llama(model_path=str(to_gguf(model, tmp_path / "m.gguf", tokenizer)), vocab_only=True,
+                            verbose=False)
+    assert vocab.tokenize(SAMPLE_TEXT.encode(), add_bos=True) == tokenizer.encode(SAMPLE_TEXT)

@@ -15,8 +15,9 @@ SentencePiece BPE   BPE with ``byte_fallback``, ``Metaspace``   ``llama`` (llama
 
 llama.cpp's SentencePiece tokenizer merges the adjacent pair whose joined piece has the highest
 score; a Hugging Face BPE merges the pair with the lowest rank in its merge list. The score of a
-piece is therefore written as ``-(rank of the first merge that forms it)`` (0 for pieces no merge
-forms: characters, bytes, specials), which gives llama.cpp the same merge order.
+piece is therefore written as ``-(rank of the first merge that forms it)``, which gives llama.cpp
+the same merge order; characters, bytes and specials (never a merge's result) score 0, and a
+longer piece no merge forms scores below every merge.
 
 Ids the model has but the tokenizer does not (an embedding padded to a multiple of 64) get
 placeholder tokens ``[PAD<id>]`` of type UNUSED, as llama.cpp's own converter writes them.
@@ -145,7 +146,9 @@ def _sentencepiece(spec, pieces, added, merges, n_vocab, unk_id) -> GgufVocab:
     ranks: dict[str, int] = {}
     for rank, (left, right) in enumerate(merges):
         ranks.setdefault(left + right, rank)
-    scores = [-float(ranks.get(piece, 0)) for piece in tokens]
+    unreachable = -float(len(merges))  # a longer piece no merge forms: llama.cpp should try it last
+    scores = [-float(ranks[piece]) if piece in ranks else 0.0 if len(piece) == 1 or token_type != NORMAL
+              else unreachable for piece, token_type in zip(tokens, types)]
     return GgufVocab(model="llama", tokens=tokens, types=types, scores=scores,
                      add_space_prefix=_space_prefix(spec))
 
