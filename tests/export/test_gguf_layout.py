@@ -4,6 +4,9 @@ the alpha folding against PEFT, tensor names and types, tokenizer keys, refusals
 import copy
 import errno
 import math
+import subprocess
+import sys
+import textwrap
 
 import gguf
 import numpy as np
@@ -14,6 +17,7 @@ from transformers import BertTokenizerFast, GPT2Config, GPT2LMHeadModel
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 import lorafit
+from lorafit.atomic import is_temp_file
 from lorafit.errors import ExportError
 from lorafit.export import ARCHITECTURES, adapter_to_gguf, rope_permute, to_gguf
 from lorafit.export.gguf import ADAPTER_ONLY_REFUSALS, llama3_rope_factors
@@ -187,6 +191,30 @@ def test_full_disk_leaves_the_old_file_and_no_temporary(llama, tmp_path, monkeyp
         to_gguf(base, out, tokenizer)
     assert out.read_bytes() == b"previous"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+
+
+def test_crash_mid_write_leaves_the_old_file(tmp_path):
+    """A process that dies while writing tensors (here: exits after the second one) leaves the
+    previous file whole; only a temporary sibling remains."""
+    out = tmp_path / "m.gguf"
+    out.write_bytes(b"previous")
+    script = textwrap.dedent(f"""
+        import os, gguf
+        from lorafit.export import to_gguf
+        from lorafit.testing import build_tokenizer, tiny_llama
+        written = []
+        def dies(self, data, *args, **kwargs):
+            if len(written) == 2:
+                os._exit(3)
+            written.append(self.fout[0].write(data.tobytes()))
+        gguf.GGUFWriter.write_tensor_data = dies
+        tokenizer = build_tokenizer()
+        to_gguf(tiny_llama(vocab_size=len(tokenizer)), {str(out)!r}, tokenizer)
+    """)
+    assert subprocess.run([sys.executable, "-c", script], capture_output=True).returncode == 3
+    assert out.read_bytes() == b"previous"
+    left = [p for p in tmp_path.iterdir() if p != out]
+    assert len(left) == 1 and is_temp_file(left[0]) and left[0].stat().st_size > 0
 
 
 def test_unsupported_architecture_lists_the_supported_ones(llama, tmp_path):
