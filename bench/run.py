@@ -42,6 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from lorafit.hardware import cpu_bf16_units, cpu_model
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results.json"
@@ -531,18 +533,11 @@ def _machine() -> dict:
     import torch
 
     return {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
-            "cpu_model": _cpu_model(),
+            "cpu_model": cpu_model(),
+            "cpu_bf16": ", ".join(cpu_bf16_units()) or "none",
             "threads": torch.get_num_threads(),
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "load_avg_1min": os.getloadavg()[0]}
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -641,7 +636,8 @@ def render_table(results: dict) -> str:
     m = results["machine"]
     repeats = ", ".join(f"{case} {c['repeats']}" for case, c in results["cases"].items())
     lines += ["", f"size `{results['size']}`; medians of alternating runs in fresh processes ({repeats}); "
-                  f"{m['device']} ({m['cpu_model']}), {m['cpus']} CPUs, torch {m['torch']}, Python {m['python']}; "
+                  f"{m['device']} ({m['cpu_model']}, bf16 matrix units: {m.get('cpu_bf16', 'not recorded')}), "
+                  f"{m['cpus']} CPUs, torch {m['torch']}, Python {m['python']}; "
                   f"1-min load average {m['load_avg_1min']:.2f} at the start{_load_peak(results)}.", ""]
     lines += [f"- {note}" for note in _notes(results)]
     return "\n".join(lines)

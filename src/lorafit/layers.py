@@ -258,8 +258,10 @@ class LoraLayer(nn.Module):
 
 
 def adapter_dtype(ref: Tensor) -> torch.dtype:
-    """Adapters live in the base's floating dtype; packed/int bases get fp32 adapters."""
-    return ref.dtype if ref.is_floating_point() and ref.element_size() >= 2 else torch.float32
+    """Adapters are fp32 on fp32, bf16, fp16 and packed/int bases (as PEFT's default
+    ``autocast_adapter_dtype``): their updates are small and would round away in 8 bits of
+    mantissa. An fp64 base gets fp64 adapters."""
+    return torch.float64 if ref.dtype == torch.float64 else torch.float32
 
 
 class ModulesToSave(nn.Module):

@@ -52,9 +52,10 @@ class ModelConfig:
     """``auto``: ``classification`` when ``data.format`` is ``classification``, else ``causal_lm``.
     Classification loads ``AutoModelForSequenceClassification`` with one output per data label."""
     dtype: str = "auto"
-    """Weights of the frozen base; ``auto`` is bf16 on a CUDA device that supports it, else fp32
-    (CPUs without bf16 hardware are many times slower in bf16). Trainable parameters stay fp32
-    and half-precision forwards run under autocast. ``fp32``, ``bf16``, ``fp16`` or torch's names
+    """Weights of the frozen base; ``auto`` is bf16 on a CUDA device that supports it and on a CPU
+    with bf16 matrix units (AMX-BF16 or AVX512-BF16, detected at run time), else fp32 (other CPUs
+    emulate bf16, many times slower). Trainable parameters and the loss stay fp32 and
+    half-precision forwards run under autocast; fp16 trains with loss scaling. ``fp32``, ``bf16``, ``fp16`` or torch's names
     (``float32``...; `lorafit.dtypes`), kept as the short name."""
     quantize: Literal["none", "nf4", "fp4", "int8"] = "none"
     """Quantize the frozen base weights (`lorafit.quant.quantize_model`)."""
@@ -109,11 +110,13 @@ class TrainConfig:
     keep_last: int = 2
     """Checkpoints kept on disk; older ones are deleted once a newer one is complete."""
     early_stopping_patience: Optional[int] = None
-    """Stop after this many evaluations without improvement of `early_stopping_metric`."""
+    """Stop after this many evaluations without improvement of `early_stopping_metric`; RUN_DIR/adapter is
+    then the adapter of the best evaluation (its step is in summary.json), not of the last step."""
     early_stopping_metric: Literal["loss", "perplexity", "accuracy"] = "loss"
     """Eval metric watched by early stopping (loss and perplexity fall, accuracy rises)."""
     log_every: int = 1
-    """Write a metrics.jsonl line every N steps (loss averaged over those steps)."""
+    """Write a metrics.jsonl line every N steps (loss averaged over those steps), and a progress line when
+    the output is not a terminal."""
     distributed: Literal["auto", "none", "ddp", "fsdp"] = "auto"
     """How the processes torchrun starts share a run: ``ddp`` (each holds the whole model),
     ``fsdp`` (the frozen base is sharded across them, so a larger model fits), ``auto`` (``ddp``)

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..dtypes import DTYPES, torch_dtype
 from ..errors import ConfigError
+from ..hardware import auto_dtype
 from ..model import LoraModel, wrap
 from .config import ModelConfig, RunConfig
 
@@ -17,13 +18,16 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto`` is bf16 on a CUDA device with bf16 support and fp32 everywhere else: a CPU
-    without bf16 hardware runs bf16 matmuls many times slower than fp32."""
+def choose_dtype(name: str, device: torch.device) -> tuple[torch.dtype, str]:
+    """The base dtype for the config value `name` on `device`, and why: ``auto`` is bf16 where the
+    hardware multiplies bf16 natively (`lorafit.hardware.auto_dtype`), fp32 elsewhere."""
     if name == "auto":
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if bf16 else torch.float32
-    return torch_dtype(name)
+        return auto_dtype(device)
+    return torch_dtype(name), f"{name}: set in the config"
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    return choose_dtype(name, device)[0]
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -42,7 +42,7 @@ from .checkpoints import (CHECKPOINTS, TrainState, best_adapter_dir, latest_chec
                           torch_rng)
 from .config import METRIC_GOALS, RunConfig, load_run_config, resolved, save_run_config
 from .metrics import MetricsWriter, plot_losses, read_metrics, truncate_metrics
-from .modeling import build_model, default_device, dtype_name, load_tokenizer, resolve_dtype
+from .modeling import build_model, choose_dtype, default_device, dtype_name, load_tokenizer
 from .objectives import objective_for, prepare_model
 from .optim import build_optimizer, build_scheduler
 from .progress import Progress
@@ -164,7 +164,7 @@ class Trainer:
         self.group = group or distributed.Group("none", default_device())
         self.rank, self.world_size, self.main = self.group.rank, self.group.world_size, self.group.main
         self.device = self.group.device
-        self.dtype = resolve_dtype(cfg.model.dtype, self.device)
+        self.dtype, self.dtype_reason = choose_dtype(cfg.model.dtype, self.device)
         self.task = cfg.task
         self.objective = objective_for(cfg)
         self.stop_signal: Optional[int] = None
@@ -492,6 +492,7 @@ class Trainer:
         trainable, total = self.model.get_nb_trainable_parameters()
         processes = (f" x {self.world_size} processes ({self.group.mode}) = global batch {self._global_batch()}"
                      if self.group.active else "")
+        print(f"precision: base {self.dtype_reason}; adapters and loss fp32")
         print(self.report.summary())
         print(f"model: {self.cfg.model.name_or_path} ({self.task}, {dtype_name(self.dtype)} on {self.device}); "
               f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%)")
@@ -512,17 +513,17 @@ class Trainer:
 
     def _write_results(self) -> dict[str, Any]:
         """The run's adapter (under early stopping, that of the best evaluation), metrics and summary."""
-        adapter = self.run_dir / "adapter"
-        best = self.state.best_step
-        if best is not None and best_adapter_dir(self.run_dir, best).is_dir():
+        adapter, step = self.run_dir / "adapter", self.state.best_step
+        if step is not None and best_adapter_dir(self.run_dir, step).is_dir():
             with _writing(adapter):
-                best_adapter_dir(self.run_dir, best).rename(adapter)
+                best_adapter_dir(self.run_dir, step).rename(adapter)
         else:
+            step = self.state.step
             self._save_adapter(adapter)
         prune_best_adapters(self.run_dir, ())
         self.metrics.close()
         records = read_metrics(self.run_dir / "metrics.jsonl")
-        summary = self._summary(records, adapter)
+        summary = {**self._summary(records, adapter), "adapter_step": step}
         with _writing(self.run_dir):
             atomic_write_json(self.run_dir / "summary.json", summary)
             if self.cfg.output.plot:
@@ -548,6 +549,7 @@ class Trainer:
             "wall_time_s": round(self._elapsed(), 3),
             "device": str(self.device),
             "dtype": dtype_name(self.dtype),
+            "dtype_reason": self.dtype_reason,
             "processes": self.world_size,
             "distributed": self.group.mode,
             "global_batch": self._global_batch(),
@@ -556,7 +558,6 @@ class Trainer:
         if cfg.early_stopping_patience is not None:
             summary["best"] = {"metric": cfg.early_stopping_metric, "value": state.best,
                                "step": state.best_step}
-        summary["adapter_step"] = state.best_step if state.best_step is not None else state.step
         return summary
 
 
