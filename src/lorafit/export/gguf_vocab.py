@@ -128,10 +128,11 @@ def gguf_vocab(tokenizer: Any, n_vocab: int) -> GgufVocab:
 def _byte_level(spec, pieces, added, merges, n_vocab) -> GgufVocab:
     tokens, types = _tokens_and_types(pieces, added, n_vocab, lambda i, piece: NORMAL)
     pre = _pre_tokenizer(spec.get("pre_tokenizer"))
-    if bool(spec["model"].get("ignore_merges")) != (pre in IGNORE_MERGES):
-        raise ExportError(f"tokenizer.json model.ignore_merges = {spec['model'].get('ignore_merges')} does not match "
-                          f"llama.cpp's {pre!r} pre-tokenizer, which {'takes' if pre in IGNORE_MERGES else 'never takes'}"
-                          " a whole pre-token from the vocabulary before merging")
+    ignore_merges = bool(spec["model"].get("ignore_merges"))
+    if ignore_merges != (pre in IGNORE_MERGES):
+        raise ExportError(f"tokenizer.json model.ignore_merges = {ignore_merges} does not match llama.cpp's {pre!r} "
+                          f"pre-tokenizer, which {'takes' if pre in IGNORE_MERGES else 'never takes'} a whole "
+                          "pre-token from the vocabulary before merging")
     return GgufVocab(model="gpt2", tokens=tokens, types=types, pre=pre,
                      merges=[" ".join(_escape_space(part) for part in pair) for pair in merges])
 
@@ -184,8 +185,9 @@ def _pre_tokenizer(pre: Optional[dict]) -> str:
     else:
         key = "gpt2" if level[0].get("use_regex", True) else None
     if key not in PRE_TOKENIZERS:
+        known = ", ".join(sorted(set(PRE_TOKENIZERS.values())))
         raise ExportError(f"tokenizer.json pre_tokenizer split {key!r} has no llama.cpp pre-tokenizer in lorafit's "
-                          f"table; supported: GPT-2's ByteLevel regex, {', '.join(sorted(set(PRE_TOKENIZERS.values())))}")
+                          f"table; supported: GPT-2's ByteLevel regex and the splits of {known}")
     return PRE_TOKENIZERS[key]
 
 
