@@ -183,7 +183,7 @@ def dequantize_model(model: nn.Module, dtype: Optional[torch.dtype] = None) -> n
     dtype of the model's other floating-point parameters, else float32). LoRA layers become plain
     `LoraLinear`s keeping their adapters, active set and merged state. Returns `model`.
     """
-    dtype = dtype or _float_dtype(model)
+    dtype = dtype or float_dtype(model)
     for name, module in list(model.named_modules()):
         if isinstance(module, LoraLinear) and is_quantized_linear(module.base_layer):
             plain = LoraLinear(_dense(module.base_layer, dtype))
@@ -208,7 +208,9 @@ def _dense(module: nn.Module, dtype: torch.dtype) -> nn.Linear:
     return linear
 
 
-def _float_dtype(model: nn.Module) -> torch.dtype:
+def float_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of most of the model's floating-point base parameters (adapters and quantised
+    weights not counted)."""
     counts: dict[torch.dtype, int] = {}
     for module in model.modules():
         if is_quantized_linear(module) or isinstance(module, LoraWeights):
@@ -262,6 +264,19 @@ def simulate_quantization(model: nn.Module, mode: str = "nf4", double_quant: boo
         with torch.no_grad():
             linear.weight.copy_(rounded.to(linear.weight.dtype))
     return model
+
+
+def quantize_like(model: nn.Module, quantization: Optional[Mapping[str, Any]]) -> nn.Module:
+    """Quantise a full-precision base as the `describe_quantization` record says the adapter's
+    base was (None: nothing to do), so inference runs on the base the adapter was trained on."""
+    if not quantization or quantization == "none":
+        return model
+    if isinstance(quantization, str):
+        quantization = {"mode": quantization}
+    compute = quantization.get("compute_dtype")
+    return quantize_model(model, quantization.get("mode", "nf4"), bool(quantization.get("double_quant", False)),
+                          getattr(torch, compute) if compute else torch.float32,
+                          skip=quantization.get("skip", ("lm_head",)), blocksize=int(quantization.get("blocksize", 64)))
 
 
 def prepare_merge_base(model: nn.Module, quantization: Optional[Mapping[str, Any]],
@@ -341,5 +356,5 @@ def _base_modules(model: nn.Module, prefix: str = "", leaves_only: bool = True):
 __all__ = [
     "QUANT_MODES", "quantize_model", "dequantize_model", "dequantize_weight",
     "is_quantized_linear", "describe_quantization", "simulate_quantization", "prepare_merge_base",
-    "base_memory_bytes", "requantization_report",
+    "base_memory_bytes", "requantization_report", "quantize_like", "float_dtype",
 ]

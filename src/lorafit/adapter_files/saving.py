@@ -20,7 +20,7 @@ from torch import Tensor
 from ..atomic import PathLike, atomic_write_files
 from ..errors import AdapterError, AdapterFileError
 from ..layers import ModulesToSave
-from ..quant import describe_quantization
+from ..quant import describe_quantization, float_dtype
 from ..version import __version__
 from . import fingerprints as fp
 from .keys import PREFIX, tensor_keys
@@ -44,7 +44,9 @@ def save_adapter(model: "LoraModel", path: PathLike, adapter_names: Optional[Seq
     data stored in the safetensors header, merged over any metadata the adapter was loaded with;
     by convention ``{"labels": [...]}`` holds a classifier's label names in class-index order
     (`lorafit merge` turns them into ``id2label``). A quantised base is recorded as
-    ``{"quantization": describe_quantization(model)}`` (`lorafit merge` rounds the base alike).
+    ``{"quantization": describe_quantization(model)}`` (`lorafit merge` rounds the base alike), and
+    the base's dtype as ``{"base_dtype": "bfloat16"}``: commands that load an adapter for inference
+    load the base as it was trained (`lorafit.adapter_files.trained_base`).
     Read it back with `loaded_metadata` or `read_adapter_dir(path).user_metadata`.
     """
     names = list(model.adapter_names if adapter_names is None else adapter_names)
@@ -75,7 +77,10 @@ def _save_one(model: "LoraModel", name: str, directory: Path, metadata: Optional
         overrides["auto_mapping"] = {"base_model_class": cls.__name__, "parent_library": cls.__module__}
     config_text = json.dumps(config_to_peft(config, extras, **overrides), indent=2, sort_keys=True)
     quantization = describe_quantization(model.model)
-    user = {**({"quantization": quantization} if quantization else {}), **(record.metadata if record else {}),
+    trained_on = {"base_dtype": str(float_dtype(model.model)).removeprefix("torch.")}
+    if quantization:
+        trained_on["quantization"] = quantization
+    user = {**trained_on, **(record.metadata if record else {}),
             **(metadata or {})}
     try:
         user_text = json.dumps(user, sort_keys=True) if user else None

@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..adapter_files import read_adapter_dir
+from ..adapter_files import inference_dtype, read_adapter_dir
 from ..dtypes import dtype_choice, torch_dtype
 from ..errors import AdapterFileError
 from ..model import load
@@ -35,14 +35,14 @@ def export_merged(base: str, adapter: str, out: str, dtype: str = "auto", strict
     loads. `out` appears whole or not at all: it is written beside and renamed into place.
 
     `dtype` is the saved weights' dtype (``fp32``/``bf16``/``fp16`` or torch's names); ``auto``
-    keeps the base config's. The model class is the one the adapter was saved on (lorafit
+    is the dtype the adapter was trained with (recorded in its metadata), else the base config's. The model class is the one the adapter was saved on (lorafit
     fingerprint), else the one its ``task_type`` implies, else the base config's. Label names
     saved with the adapter (``metadata={"labels": [...]}``) become the merged config's
     ``id2label``. An adapter trained on a quantised base is merged into the base rounded through
     the same quantiser (`lorafit.quant.prepare_merge_base`), so the merged model computes what
     was trained.
     """
-    dtype = dtype_choice(dtype)
+    dtype = inference_dtype(dtype_choice(dtype), [read_adapter_dir(adapter, allow_pickle=allow_pickle)])
     target = Path(out)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise AdapterFileError(f"{target}: already exists and is not an empty directory; choose a new --out")

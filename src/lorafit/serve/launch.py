@@ -3,6 +3,7 @@ build the engine, bind the socket and run uvicorn until interrupted."""
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 import sys
@@ -14,14 +15,17 @@ import torch
 import uvicorn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from ..adapter_files import inference_dtype, read_adapter_dir, trained_base
 from ..dtypes import dtype_choice, torch_dtype
 from ..errors import ConfigError
 from ..model import LoraModel
+from ..quant import quantize_like
 from .adapters import AdapterPool, discover
 from .app import BASE_ALIAS, ServeSettings, create_app
 from .engine import Engine
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -54,12 +58,12 @@ def build_engine(config: LaunchConfig) -> tuple[Engine, ServeSettings]:
     if config.threads:
         torch.set_num_threads(config.threads)
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype_choice(config.dtype, "--dtype")
-    tokenizer = AutoTokenizer.from_pretrained(config.base)
-    hf_model = AutoModelForCausalLM.from_pretrained(
-        config.base, dtype="auto" if dtype == "auto" else torch_dtype(dtype)).to(device).eval()
     reserved = (BASE_ALIAS, config.base_name)
     found = discover(config.adapters, reserved) if config.adapters else {}
+    dtype, quantization = trained_as(config, found)
+    tokenizer = AutoTokenizer.from_pretrained(config.base)
+    hf_model = AutoModelForCausalLM.from_pretrained(config.base, dtype="auto" if dtype == "auto" else torch_dtype(dtype))
+    hf_model = quantize_like(hf_model, quantization).to(device).eval()
     model = LoraModel(hf_model)
     pool = AdapterPool(model, found, config.max_adapters, reserved, config.allow_base_mismatch)
     if not config.allow_base_mismatch:
@@ -68,6 +72,19 @@ def build_engine(config: LaunchConfig) -> tuple[Engine, ServeSettings]:
     settings = ServeSettings(base_name=config.base_name, api_key=config.api_key,
                              default_max_tokens=config.default_max_tokens)
     return engine, settings
+
+
+def trained_as(config: LaunchConfig, found: dict[str, Path]) -> tuple[str, Optional[dict]]:
+    """The base dtype and quantisation to serve with: ``--dtype`` when given, else what every
+    adapter recorded at training (when they agree; the checkpoint's dtype otherwise); the
+    adapters' common quantisation record, or None (full precision) when they differ or have none."""
+    adapters = [read_adapter_dir(path) for path in found.values()]
+    dtype = inference_dtype(dtype_choice(config.dtype, "--dtype"), adapters)
+    records = {json.dumps(trained_base(a).quantization, sort_keys=True) for a in adapters}
+    if len(records) > 1:
+        log.warning("the adapters were trained on differently quantised bases; serving a full-precision base")
+    quantization = json.loads(records.pop()) if len(records) == 1 else None
+    return dtype, quantization
 
 
 def bind(host: str, port: int) -> socket.socket:

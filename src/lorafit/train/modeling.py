@@ -8,10 +8,12 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
+from ..adapter_files import inference_dtype, read_adapter_dir, trained_base
 from ..dtypes import DTYPES, torch_dtype
 from ..errors import ConfigError
 from ..hardware import auto_dtype
-from ..model import LoraModel, wrap
+from ..model import LoraModel, load, wrap
+from ..quant import quantize_like, quantize_model
 from .config import ModelConfig, RunConfig
 
 def default_device() -> torch.device:
@@ -55,8 +57,6 @@ def load_base(cfg: ModelConfig, task: str, labels: Optional[Sequence[str]], dtyp
     else:
         model = _from_pretrained(transformers.AutoModelForCausalLM, cfg, dtype=dtype)
     if cfg.quantize != "none":
-        from ..quant import quantize_model
-
         quantize_model(model, cfg.quantize, compute_dtype=dtype, skip=head_modules(model))
     return model
 
@@ -99,23 +99,25 @@ def build_model(cfg: RunConfig, labels: Optional[Sequence[str]], device: torch.d
 
 def read_labels(adapter_dir: Path) -> Optional[list[str]]:
     """A classifier's label names, saved in the adapter's metadata as ``{"labels": [...]}``."""
-    from ..adapter_files import read_adapter_dir
-
     return read_adapter_dir(adapter_dir).user_metadata.get("labels")
 
 
 def load_trained(base: str, adapter_dir: Optional[Path], dtype: str = "auto"):
     """``(model, tokenizer, labels)`` for inference: `base` with the adapter in `adapter_dir`
-    (none: the plain base model). Labels in the adapter's metadata make it a classifier."""
-    from .. import load
-
+    (none: the plain base model). Labels in the adapter's metadata make it a classifier. The
+    base is loaded as the adapter was trained: in its recorded dtype unless `dtype` names one,
+    and quantised the same way when it was trained on a quantised base."""
+    adapter = read_adapter_dir(adapter_dir) if adapter_dir is not None else None
+    trained = trained_base(adapter) if adapter is not None else None
+    dtype = inference_dtype(dtype, [adapter] if adapter is not None else [])
     device = default_device()
     cfg = ModelConfig(name_or_path=base, dtype=dtype)
     tokenizer = load_tokenizer(cfg)
-    labels = read_labels(adapter_dir) if adapter_dir is not None else None
+    labels = adapter.user_metadata.get("labels") if adapter is not None else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model = load_base(cfg, "classification" if labels else "causal_lm", labels, resolve_dtype(dtype, device), pad_id)
-    if adapter_dir is not None:
+    if adapter is not None:
+        quantize_like(model, trained.quantization)
         model = load(model, adapter_dir)
     return model.to(device).eval(), tokenizer, labels
 
