@@ -15,7 +15,8 @@ from lorafit.errors import ConfigError
 from lorafit.testing import DEFAULT_TEXTS, tiny_causal_lm_dir
 from lorafit.train import evaluate_config, run_config
 from lorafit.train.checkpoints import list_checkpoints
-from lorafit.train.preference import dpo_losses, log1mexp, orpo_log_odds
+from lorafit.train import preference
+from lorafit.train.preference import answer_logps, collate_pairs, dpo_losses, log1mexp, orpo_log_odds
 from lorafit.train.trainer import resume, train
 
 LN2 = math.log(2)
@@ -72,6 +73,36 @@ def test_orpo_log_odds_is_the_odds_ratio_of_mean_probabilities():
     torch.testing.assert_close(orpo_log_odds(chosen, rejected), torch.tensor(expected), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(log1mexp(torch.tensor([-1e-6, -40.0])), torch.tensor([math.log(1e-6), -math.exp(-40)]),
                                rtol=1e-3, atol=1e-20)
+
+
+def test_answer_logps_from_hidden_states_equal_those_from_full_logits(monkeypatch):
+    """The chunked path (no (2B, T, V) logits) against log-softmax of the model's logits."""
+    import lorafit
+    from lorafit.testing import tiny_llama
+
+    torch.manual_seed(0)
+    model = lorafit.wrap(tiny_llama(), lorafit.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                          init_lora_weights=False))
+    examples = [{"prompt_ids": [5, 6, 7], "chosen_ids": [8, 9], "rejected_ids": [10, 11, 12, 13]},
+                {"prompt_ids": [14], "chosen_ids": [15, 16, 17], "rejected_ids": [18]}]
+    batch = collate_pairs(examples, pad_id=0)
+    results = []
+    for head in (preference.output_head, lambda model: None):
+        monkeypatch.setattr(preference, "output_head", head)
+        model.zero_grad()
+        logps, nll = answer_logps(model, batch, torch.device("cpu"), torch.float32, prompt_nll=True)
+        (logps.sum() + nll).backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        results.append((logps.detach(), nll.detach(), grads))
+    (logps, nll, grads), (ref_logps, ref_nll, ref_grads) = results
+    torch.testing.assert_close(logps, ref_logps, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(nll, ref_nll, rtol=1e-5, atol=1e-5)
+    for ours, theirs in zip(grads, ref_grads):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
+    # hand check of one row: the chosen answer of pair 0 is scored at positions 2 and 3
+    logprobs = torch.log_softmax(model(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits, -1)
+    assert logps[0].item() == pytest.approx((logprobs[0, 2, 8] + logprobs[0, 3, 9]).item(), rel=1e-5)
+    assert batch["input_ids"].shape == (4, 7) and batch["labels"][3].tolist() == [-100, 18] + [-100] * 5
 
 
 def test_dpo_run_logs_trls_figures_and_lorafit_eval_repeats_them(tmp_path, dpo_config):
