@@ -19,6 +19,7 @@ def test_demo_improves_held_out_accuracy(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     before, after = map(float, re.search(r"held-out accuracy: ([\d.]+)% before, ([\d.]+)% after", proc.stdout).groups())
     assert before < 70 and after >= 80, proc.stdout
+    assert re.search(r"^this demo took \d+ s on this machine", proc.stdout, re.MULTILINE)  # measured, not quoted
     assert (tmp_path / "demo" / "adapter" / "adapter_model.safetensors").is_file()
     predictions = proc.stdout.split("it says:")[1].split()
     assert predictions.count("positive") + predictions.count("negative") == 4
