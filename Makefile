@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test bench gpu-check venv clean
 
 # llama-cpp-python (a dev dependency: the GGUF tests run llama.cpp) builds from source, ~5 min on
 # 2 cores; it is built portable (GGML_NATIVE=OFF), so the wheel pip caches and reuses never runs
@@ -26,6 +26,9 @@ test: $(STAMP)  ## the whole test suite, as CI runs it (installs headless Chromi
 
 bench: $(STAMP)  ## lorafit vs PEFT side by side; writes bench/results.json and the README table
 	HF_HUB_OFFLINE=1 $(PY) bench/run.py
+
+gpu-check:  ## the CUDA tests and a CUDA bench vs PEFT, on a GPU machine (scripts/gpu-check.sh; nothing to install)
+	bash scripts/gpu-check.sh
 
 clean:
 	rm -rf $(VENV) runs

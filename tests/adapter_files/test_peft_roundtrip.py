@@ -100,11 +100,11 @@ def test_lorafit_round_trip_keeps_weights_metadata_and_trainability(tmp_path):
     ours.save_adapter(tmp_path, metadata={"labels": ["neg", "neu", "pos"]})
     again = lorafit.load(tiny_bert_cls(), tmp_path, trainable=True)
     assert torch.equal(logits(again.eval()), logits(ours.eval()))
-    assert lorafit.adapter_files.loaded_metadata(again) == {"labels": ["neg", "neu", "pos"]}
+    assert lorafit.adapter_files.loaded_metadata(again) == {"base_dtype": "float32", "labels": ["neg", "neu", "pos"]}
     trainable = {n for n, p in again.named_parameters() if p.requires_grad}
     assert trainable and all(".lora." in n or ".modules_to_save." in n for n in trainable)
     again.save_adapter(tmp_path / "copy")  # metadata carried over without being passed again
-    assert lorafit.adapter_files.read_adapter_dir(tmp_path / "copy").user_metadata == {"labels": ["neg", "neu", "pos"]}
+    assert lorafit.adapter_files.read_adapter_dir(tmp_path / "copy").user_metadata == {"base_dtype": "float32", "labels": ["neg", "neu", "pos"]}
 
 
 def test_single_non_default_adapter_saves_to_the_directory_itself(tmp_path):
