@@ -28,3 +28,13 @@ def test_quickstart_runs_as_written(tmp_path, monkeypatch, capsys):
     assert "trainable: 74,498 of 22,788,484 (0.327%)" in printed
     assert (tmp_path / "my-adapter" / "adapter_model.safetensors").is_file()
     assert "trainable: 74,498 of 22,788,484 (0.327%)" in quickstart
+
+
+def test_more_of_the_api_runs_after_the_quickstart(tmp_path, monkeypatch):
+    quickstart, more = re.findall(r"```python\n(.*?)```", README, re.S)[:2]
+    monkeypatch.chdir(tmp_path)
+    names: dict = {}
+    exec(compile(quickstart, "README quickstart", "exec"), names)
+    exec(compile(more, "README more of the API", "exec"), names)
+    model, plain = names["model"], names["plain"]
+    assert set(model.peft_config) == set() and not any(".lora." in n for n, _ in plain.named_parameters())
