@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Union
 
 from .errors import ConfigError
-from .registry import claimed_fields, find_init, selected_variant
+from .registry import check_init_settings, claimed_fields, find_init, selected_variant
 from .schema import check_keys
 
 BIAS_MODES = ("none", "all", "lora_only")
@@ -53,7 +53,11 @@ class LoraConfig:
     init_lora_weights: Union[bool, str] = True
     """Initialisation: true (A Kaiming-uniform, B zero), ``gaussian``, false (both random, for
     tests), ``pissa`` / ``pissa_niter_K`` (principal singular vectors), ``olora`` (QR),
-    ``orthogonal`` (A and B non-zero with B A = 0; even r)."""
+    ``orthogonal`` (A and B non-zero with B A = 0; even r); from data or the quantised weights,
+    after ``lorafit.inits.prepare`` (see the README's initialisations section): ``eva``
+    (principal directions of the layer inputs, ranks redistributed), ``corda`` (SVD of W times the
+    input covariance), ``lora_ga`` (SVD of the full-weight gradient), ``loftq`` (cancels the nf4 /
+    int8 quantisation error)."""
     layers_to_transform: Optional[Union[list[int], int]] = None
     """Only these layer indices get adapters (with list-valued target_modules)."""
     layers_pattern: Optional[Union[list[str], str]] = None
@@ -91,6 +95,18 @@ class LoraConfig:
     """KaSA (PEFT): not implemented; must stay null."""
     monteclora_config: Optional[dict[str, Any]] = None
     """MonteCLoRA (PEFT): not implemented; must stay null."""
+    eva_config: Optional[dict[str, Any]] = None
+    """Options of ``init_lora_weights: eva`` (PEFT's EvaConfig keys: rho, tau, use_label_mask,
+    label_mask_value, whiten, adjust_scaling_factors); null uses the defaults."""
+    corda_config: Optional[dict[str, Any]] = None
+    """Options of ``init_lora_weights: corda`` (PEFT's CordaConfig keys; corda_method ``ipm`` or
+    ``kpm``); null uses the defaults."""
+    lora_ga_config: Optional[dict[str, Any]] = None
+    """Options of ``init_lora_weights: lora_ga`` (PEFT's LoraGAConfig keys: direction, scale,
+    stable_gamma); null uses the defaults."""
+    loftq_config: Optional[dict[str, Any]] = None
+    """Options of ``init_lora_weights: loftq`` (PEFT's LoftQConfig keys: loftq_bits 4 or 8,
+    loftq_iter); null uses the defaults."""
 
     def __post_init__(self) -> None:
         _require(isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0,
@@ -102,6 +118,7 @@ class LoraConfig:
         _require(self.bias in BIAS_MODES, "bias", self.bias, f"one of {list(BIAS_MODES)}")
         find_init(self.init_lora_weights)
         _check_features(self)
+        check_init_settings(self)
         for flag in ("fan_in_fan_out", "use_rslora", "use_dora", "lora_bias", "inference_mode"):
             _require(isinstance(getattr(self, flag), bool), flag, getattr(self, flag), "true or false")
         selected_variant(self)
@@ -183,6 +200,8 @@ FEATURES = {
     "alora_invocation_tokens": "Activated LoRA (aLoRA)", "use_bdlora": "block-diagonal LoRA",
     "arrow_config": "Arrow routing between adapters", "kasa_config": "KaSA (learned singular values between A and B)",
     "monteclora_config": "MonteCLoRA (variational sampling)",
+    "eva_config": "EVA initialisation", "corda_config": "CorDA initialisation",
+    "lora_ga_config": "LoRA-GA initialisation", "loftq_config": "LoftQ initialisation",
 }
 
 

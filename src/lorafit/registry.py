@@ -9,7 +9,9 @@ Each extension is one record declared at module level beside its code, in a modu
   subclass, the PEFT names of its extra tensors, and a check run on every target before any
   layer is replaced;
 * `InitScheme` (``lorafit/inits/``): the ``init_lora_weights`` values it accepts, the function
-  that fills the factors, a target check, and whether it rewrites the base weight.
+  that fills the factors, a target check, whether it rewrites the base weight, and for schemes
+  that need data or the whole config, the `LoraConfig` field of their settings and their
+  preparation step (`lorafit.inits.prepare`).
 
 Nothing registers itself: the first lookup imports every module of those packages and collects
 the records they define, so what is found never depends on import order, and adding an
@@ -29,6 +31,7 @@ from typing import Any, Callable, Mapping, Optional
 from torch import nn
 
 from .errors import ConfigError
+from .schema import from_dict
 
 EXTENSION_PACKAGES = ("lorafit.kinds", "lorafit.variants", "lorafit.inits")
 
@@ -76,6 +79,12 @@ class InitScheme:
     ``init(layer, weights, value)`` fills the factors of a freshly created adapter;
     `rewrites_base` marks schemes that also change the base weight (PiSSA, OLoRA), so a loaded
     adapter's fingerprint can only be compared by shape. `spelling` is how error messages list it.
+
+    `settings` names the `LoraConfig` field holding the scheme's options as a dict (PEFT's
+    ``eva_config``...) and `settings_type` the dataclass that validates it (built with
+    `lorafit.schema.from_dict`, so unknown keys and wrong types are refused by name). `prepare`
+    is the step that runs before `wrap` for schemes whose factors need data or the whole config
+    (``prepare(preparation) -> LoraConfig``, see `lorafit.inits.prepared`).
     """
 
     pattern: str
@@ -83,6 +92,14 @@ class InitScheme:
     spelling: str
     check_target: Optional[TargetCheck] = None
     rewrites_base: bool = False
+    settings: Optional[str] = None
+    settings_type: Optional[type] = None
+    prepare: Optional[Callable[[Any], Any]] = None
+
+    def parse_settings(self, config: Any) -> Any:
+        """The scheme's options from `config` as `settings_type` (defaults when the field is None)."""
+        return from_dict(self.settings_type, getattr(config, self.settings),
+                         where=f"LoraConfig.{self.settings}")
 
     def accepts(self, value: Any) -> bool:
         if isinstance(value, bool):
@@ -119,8 +136,16 @@ def find_kind(module: nn.Module) -> Optional[LayerKind]:
 
 
 def claimed_fields() -> set[str]:
-    """The `LoraConfig` feature fields some extension implements (`lorafit.config.FEATURES`)."""
-    return {v.field for v in extensions().variants}
+    """The `LoraConfig` feature fields some extension implements (`lorafit.config.FEATURES`):
+    variants' selecting fields and init schemes' settings fields."""
+    return {v.field for v in extensions().variants} | {s.settings for s in extensions().inits if s.settings}
+
+
+def check_init_settings(config: Any) -> None:
+    """Validate every init scheme's settings field that `config` sets (ConfigError naming the key)."""
+    for scheme in extensions().inits:
+        if scheme.settings and getattr(config, scheme.settings) is not None:
+            scheme.parse_settings(config)
 
 
 def selected_variant(config: Any) -> Optional[Variant]:

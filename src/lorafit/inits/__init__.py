@@ -3,4 +3,10 @@
 
 To add a scheme, add a module here with its init function and a module-level ``InitScheme``
 record; `LoraConfig` validation, layer creation and adapter loading find it through the registry.
+Schemes that need data or the whole config (EVA, CorDA, LoRA-GA, LoftQ) run `prepare` first
+(`lorafit.inits.prepared`).
 """
+
+from .prepared import prepare
+
+__all__ = ["prepare"]
