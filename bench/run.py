@@ -30,6 +30,7 @@ PyTorch model: on x86 CPUs lorafit's layers run their fp32 products through oneD
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import os
@@ -190,21 +191,33 @@ def _token_batch(s, rows, cols, device):
     return torch.randint(3, s["vocab"], (rows, cols), generator=torch.Generator().manual_seed(0)).to(device)
 
 
-def worker_train(side, size, workdir, quantize=None):
+def worker_train(side, size, workdir, quantize=None, precision="fp32", loss="trainer"):
     """Case 1: a training step (forward, backward, AdamW) on a fixed batch, LoRA r=16 on every
     linear layer of the blocks; its ratio to two no-grad forwards of the plain base (the floor: a
     LoRA step is one forward plus one backward through frozen weights, about two forwards) and to
     two no-grad forwards of the wrapped model (the same kernels). With `quantize` (case 4) the base
-    is quantised first."""
+    is quantised first. `precision`: ``fp32``; ``bf16`` (a bf16 base, fp32 adapters, forwards
+    under bf16 autocast: what `lorafit train` does under ``dtype: auto`` on a bf16 machine, and
+    PEFT's best CPU setting there); ``autocast`` (an fp32 base under bf16 autocast, as HF
+    ``Trainer(bf16=True)`` runs). `loss`: ``trainer`` (lorafit through its trainer's loss) or
+    ``labels`` (both through ``model(input_ids, labels=...)``)."""
+    import torch
+
     s, device = SIZES[size], _device()
     memory = PeakMemory(device)
     model = _model(size, device)
+    if precision == "bf16":
+        model = model.to(torch.bfloat16)
+    dtype = torch.float32 if precision == "fp32" else torch.bfloat16
     facts = _quantize(model, quantize) if quantize else {}
     ids = _token_batch(s, s["batch"], s["seq"], device)
     forward = _forward_time(model, ids, s["steps"], device)
     wrapped = _wrap(side, model).train()
+    for param in wrapped.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
     wrapped_forward = _forward_time(wrapped, ids, s["steps"], device)
-    step = _train_step(side, wrapped, ids, device)
+    step = _train_step(side, wrapped, ids, device, dtype, loss)
     with memory:
         step()  # warm-up (allocator, optimizer state)
         seconds = _timed(step, s["steps"], device)
@@ -223,10 +236,11 @@ def _forward_time(model, ids, iters, device, **kwargs):
         return _timed(lambda: model(input_ids=ids, **kwargs), iters, device)
 
 
-def _train_step(side, model, ids, device):
+def _train_step(side, model, ids, device, dtype, loss_path="trainer"):
     """One optimizer step as each library is used for causal-LM training: PEFT through the model's
     own ``labels=`` loss (full logits), lorafit through its trainer's loss (`summed_loss`: hidden
-    states and a chunked cross-entropy), both the mean over the same targets."""
+    states and a chunked cross-entropy) or, with ``loss_path="labels"``, the same call as PEFT;
+    both the mean over the same targets, under autocast when `dtype` is not fp32."""
     import torch
 
     from lorafit.train.evaluation import summed_loss
@@ -238,9 +252,10 @@ def _train_step(side, model, ids, device):
     targets = causal_lm_targets(ids)
 
     def loss():
-        if side == "peft":
-            return model(input_ids=ids, labels=ids).loss
-        return summed_loss(model, batch, "causal_lm", device, torch.float32)[0] / targets
+        if side == "peft" or loss_path == "labels":
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                return model(input_ids=ids, labels=ids).loss
+        return summed_loss(model, batch, "causal_lm", device, dtype)[0] / targets
 
     def step():
         loss().backward()
@@ -274,7 +289,7 @@ def worker_infer(side, size, workdir):
         wrapped.merge(["default"])
     merged = _forward_time(wrapped, ids, iters, device)
     return {"base_s": base, "unmerged_over_base": unmerged / base, "merged_over_base": merged / base,
-            "mixed8_over_base": mixed / base}
+            "mixed8_over_base": mixed / base, "mixed8_over_unmerged": mixed / unmerged, "mixed8_s": mixed}
 
 
 def _randomise(wrapped):
@@ -408,6 +423,9 @@ class Case:
 
 CASES = {
     "train": Case(worker_train),
+    "train_bf16": Case(functools.partial(worker_train, precision="bf16")),
+    "step_labels": Case(functools.partial(worker_train, loss="labels")),
+    "step_labels_autocast": Case(functools.partial(worker_train, precision="autocast", loss="labels")),
     "infer": Case(worker_infer),
     "merge": Case(worker_merge),
     "qlora": Case(worker_qlora),
@@ -571,10 +589,16 @@ ROWS = [
     Row("train tokens/s", _get("train", "tokens_per_s")),
     Row("train peak memory above the model (MB)", _get("train", "peak_mem_mb"), Target("ratio", 0.85)),
     Row("train step / (2 x base forward)", _get("train", "step_over_2fwd"), Target("lorafit", 1.15)),
+    Row("train step, bf16 base + fp32 adapters (s)", _get("train_bf16", "step_s"), Target("ratio", 0.85)),
+    Row("model(labels=) step, fp32 (s)", _get("step_labels", "step_s"), Target("ratio", 0.9)),
+    Row("model(labels=) step, bf16 autocast (s)", _get("step_labels_autocast", "step_s"), Target("ratio", 0.9)),
     Row("train step / (2 x no-grad forward of the wrapped model)", _get("train", "step_over_2fwd_wrapped")),
     Row("inference: unmerged single adapter / base", _get("infer", "unmerged_over_base"), Target("lorafit", 1.05)),
     Row("inference: merged adapter / base", _get("infer", "merged_over_base"), Target("lorafit", 1.03)),
     Row("inference: mixed batch, 8 adapters / base", _get("infer", "mixed8_over_base"), Target("lorafit", 1.15)),
+    Row("inference: mixed batch, 8 adapters / one adapter", _get("infer", "mixed8_over_unmerged"),
+        Target("lorafit", 1.15)),
+    Row("inference: mixed batch, 8 adapters (s)", _get("infer", "mixed8_s"), Target("ratio", 0.85)),
     Row("SFT end to end: wall time (s)", _get("sft", "wall_s"), Target("ratio", 0.5)),
     Row("SFT end to end: eval loss", _get("sft", "eval_loss"), Target("ratio", 1.02)),
     Row("SFT end to end: optimizer steps", _get("sft", "steps")),
