@@ -15,11 +15,13 @@ The trainer uses the same helpers for checkpoints and for its "latest checkpoint
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
+import shutil
 from pathlib import Path
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Callable, Iterator, Sequence, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 Writer = Callable[[Path], None]
@@ -73,6 +75,28 @@ def atomic_write_text(path: PathLike, text: str) -> None:
 def atomic_write_json(path: PathLike, obj: Any) -> None:
     """`obj` as indented, key-sorted JSON (the layout PEFT and Hugging Face use)."""
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+@contextlib.contextmanager
+def staged_directory(target: PathLike, replace: bool = False) -> Iterator[Path]:
+    """A new directory beside `target` (``.<name>.tmp-*``) to fill inside the block. When the block
+    ends normally it is renamed to `target` (replacing an existing `target` when `replace`, else
+    only an empty one); when it raises, it is removed. `target` appears whole or not at all."""
+    target = Path(target)
+    _make_dirs(target.parent)
+    staging = target.parent / f".{target.name}.tmp-{secrets.token_hex(4)}"
+    staging.mkdir()
+    try:
+        yield staging
+        if target.exists():
+            if replace:
+                shutil.rmtree(target)
+            else:
+                target.rmdir()
+        os.rename(staging, target)
+        _fsync_dir(target.parent)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def is_temp_file(path: PathLike) -> bool:

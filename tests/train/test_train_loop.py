@@ -107,7 +107,7 @@ def test_checkpoints_keep_the_last_k_and_hold_the_data_position(tmp_path, tiny_c
     run = tmp_path / "run"
     train(run_config(tiny_config(run, train={"max_steps": 6, "save_every": 2, "keep_last": 2})))
     assert [step for step, _ in list_checkpoints(run)] == [4, 6]
-    assert not list((run / "checkpoints").glob(".tmp-*"))
+    assert not [p for p in (run / "checkpoints").iterdir() if ".tmp-" in p.name]
     state = json.loads((run / "checkpoints" / "step-6" / "state.json").read_text())
     # 27 train examples, batch 4: 7 micro-batches per epoch, 4 steps of 2; step 6 = epoch 1, batch 4
     assert (state["train"]["step"], state["train"]["epoch"], state["train"]["batch"]) == (6, 1, 4)
@@ -219,8 +219,10 @@ def test_task_heads_are_found_by_model():
     assert head_modules(tiny_llama()) == ["lm_head"]
 
 
-def test_auto_dtype_is_fp32_on_cpu():
-    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+def test_auto_dtype_follows_the_cpu_s_bf16_units():
+    from lorafit.hardware import cpu_bf16_units
+
+    assert resolve_dtype("auto", torch.device("cpu")) == (torch.bfloat16 if cpu_bf16_units() else torch.float32)
     assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
 
 

@@ -20,7 +20,7 @@ Several adapters saved together: "default" in the directory, the others in ``<di
 
 from .fingerprints import fingerprint
 from .loading import apply_new, check_new_name, load_adapter, loaded_metadata, plan
-from .provenance import TrainedBase, inference_dtype, trained_base
+from .provenance import TrainedBase, inference_dtype, label_config, trained_base
 from .reading import (CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME, AdapterDir, AdapterFileWarning,
                       read_adapter_dir)
 from .saving import save_adapter
@@ -28,6 +28,6 @@ from .saving import save_adapter
 __all__ = [
     "save_adapter", "load_adapter", "loaded_metadata", "plan", "apply_new", "check_new_name",
     "read_adapter_dir", "AdapterDir", "AdapterFileWarning", "fingerprint", "TrainedBase", "trained_base",
-    "inference_dtype",
+    "inference_dtype", "label_config",
     "CONFIG_NAME", "WEIGHTS_NAME", "PICKLE_NAME",
 ]

@@ -37,3 +37,10 @@ def inference_dtype(requested: str, adapters: list[AdapterDir]) -> str:
         return requested
     recorded = {trained_base(a).dtype for a in adapters}
     return recorded.pop() if len(recorded) == 1 and None not in recorded else "auto"
+
+
+def label_config(labels: list[str]) -> dict[str, Any]:
+    """The transformers config entries of a classifier with these label names, in class order
+    (saved with an adapter as ``metadata={"labels": [...]}``)."""
+    return {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+            "label2id": {label: i for i, label in enumerate(labels)}}

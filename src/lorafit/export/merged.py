@@ -3,15 +3,13 @@
 
 from __future__ import annotations
 
-import os
-import secrets
-import shutil
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from ..adapter_files import inference_dtype, read_adapter_dir
+from ..adapter_files import inference_dtype, label_config, read_adapter_dir
+from ..atomic import staged_directory
 from ..dtypes import dtype_choice, torch_dtype
 from ..errors import AdapterFileError
 from ..model import load
@@ -49,17 +47,11 @@ def export_merged(base: str, adapter: str, out: str, dtype: str = "auto", strict
     adapted, base_config = load_adapted(base, adapter, strict=strict, allow_pickle=allow_pickle)
     merged = adapted.merge_and_unload(safe=True)
     merged.to(torch_dtype(dtype) if dtype != "auto" else _saved_dtype(base_config))
-    staging = target.parent / f".{target.name}.tmp-{secrets.token_hex(4)}"
-    try:
+    with staged_directory(target) as staging:
         merged.save_pretrained(staging)
         tokenizer = find_tokenizer(adapter, base)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        if target.exists():
-            target.rmdir()
-        os.rename(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
@@ -92,8 +84,7 @@ def model_class(transformers, files, base_config):
 def _label_kwargs(labels: Any) -> dict[str, Any]:
     if not (isinstance(labels, list) and labels and all(isinstance(label, str) for label in labels)):
         return {}
-    return {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
-            "label2id": {label: i for i, label in enumerate(labels)}}
+    return label_config(labels)
 
 
 def _saved_dtype(config) -> torch.dtype:

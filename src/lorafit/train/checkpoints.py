@@ -18,9 +18,9 @@ are deleted once no checkpoint's `TrainState.best_step` names them.
 Parameters and optimizer state are whole (a multi-process run keeps the trainable parameters
 unsharded, see `distributed`), so a checkpoint resumes with any number of processes.
 
-A checkpoint is built in ``checkpoints/.tmp-step-N`` and renamed into place, so a run killed at
-any moment leaves only complete ``step-N`` directories; the oldest beyond ``keep_last`` are
-deleted after the rename. A write that fails (disk full, unwritable directory) removes the
+A checkpoint is built in ``checkpoints/.step-N.tmp-*`` (`lorafit.atomic.staged_directory`) and
+renamed into place, so a run killed at any moment leaves only complete ``step-N`` directories;
+the oldest beyond ``keep_last`` are deleted after the rename. A write that fails (disk full, unwritable directory) removes the
 partial checkpoint and raises a `TrainingError` naming the path; earlier checkpoints stay.
 """
 
@@ -39,7 +39,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..atomic import atomic_write_files
+from ..atomic import atomic_write_files, is_temp_file, staged_directory
 from ..errors import AdapterFileError, TrainingError
 
 CHECKPOINTS = "checkpoints"
@@ -99,7 +99,6 @@ def save_checkpoint(run_dir: Path, state: TrainState, model, optimizer, schedule
     `rng` holds each rank's `torch_rng()`, by rank (default: this process's alone).
     """
     final = checkpoint_dir(run_dir, state.step)
-    tmp = final.with_name(f".tmp-{final.name}")
     previous = latest_checkpoint(run_dir)
     tensors, optim_json = _optimizer_state(optimizer)
     tensors.update({f"param.{name}": p.detach().contiguous().cpu()
@@ -115,15 +114,11 @@ def save_checkpoint(run_dir: Path, state: TrainState, model, optimizer, schedule
         "rng": _host_rng(),
     }
     try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_adapter(tmp / "adapter")
-        atomic_write_files([(tmp / "state.safetensors", lambda p: save_file(tensors, p)),  # fsync'ed
-                            (tmp / "state.json", lambda p: p.write_text(json.dumps(meta), encoding="utf-8"))])
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        with staged_directory(final, replace=True) as tmp:
+            save_adapter(tmp / "adapter")
+            atomic_write_files([(tmp / "state.safetensors", lambda p: save_file(tensors, p)),  # fsync'ed
+                                (tmp / "state.json", lambda p: p.write_text(json.dumps(meta), encoding="utf-8"))])
     except (OSError, SafetensorError, AdapterFileError) as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
         kept = f"the previous checkpoint {previous} is intact" if previous else "there is no earlier checkpoint"
         raise TrainingError(f"cannot write the checkpoint of step {state.step} to {final} ({exc}); {kept}. "
                             f"Free space or fix the directory, then `lorafit train --resume {run_dir}`") from None
@@ -187,7 +182,7 @@ def _read_meta(path: Path) -> dict[str, Any]:
 def remove_partial(run_dir: Path) -> None:
     """Delete checkpoints a killed run left half written."""
     root = run_dir / CHECKPOINTS
-    for tmp in root.glob(".tmp-*") if root.is_dir() else ():
+    for tmp in [p for p in root.iterdir() if is_temp_file(p)] if root.is_dir() else ():
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -8,7 +8,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-from ..adapter_files import inference_dtype, read_adapter_dir, trained_base
+from ..adapter_files import inference_dtype, label_config, read_adapter_dir, trained_base
 from ..dtypes import DTYPES, torch_dtype
 from ..errors import ConfigError
 from ..hardware import auto_dtype
@@ -49,9 +49,8 @@ def load_base(cfg: ModelConfig, task: str, labels: Optional[Sequence[str]], dtyp
     import transformers
 
     if task == "classification":
-        extra = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
-                 "label2id": {name: i for i, name in enumerate(labels)}}
-        model = _from_pretrained(transformers.AutoModelForSequenceClassification, cfg, dtype=dtype, **extra)
+        model = _from_pretrained(transformers.AutoModelForSequenceClassification, cfg, dtype=dtype,
+                                 **label_config(labels))
         if model.config.pad_token_id is None:  # decoder classifiers find the last token by it
             model.config.pad_token_id = pad_token_id
     else:
