@@ -80,7 +80,10 @@ class LoraConfig:
     use_qalora: bool = False
     """QA-LoRA (PEFT): not implemented; must stay false."""
     target_parameters: Optional[list[str]] = None
-    """LoRA on nn.Parameter tensors such as MoE expert weights (PEFT): not implemented; must stay null."""
+    """LoRA on nn.Parameter tensors such as the 3-D MoE expert weights, each entry
+    ``<module path or suffix>.<parameter>`` (``experts.gate_up_proj``): for W [E, out, in]
+    A is [E·r, in], B [out, r·E] and ``ΔW[e] = s · B_e A_e``; needs lora_dropout 0. With it,
+    target_modules may be ``[]`` (null means ``[]`` too, as in PEFT)."""
     trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = None
     """Train only these embedding rows (PEFT): not implemented; must stay null."""
     layer_replication: Optional[list[list[int]]] = None
@@ -122,7 +125,16 @@ class LoraConfig:
         for flag in ("fan_in_fan_out", "use_rslora", "use_dora", "lora_bias", "inference_mode"):
             _require(isinstance(getattr(self, flag), bool), flag, getattr(self, flag), "true or false")
         selected_variant(self)
-        self.target_modules = _selector("target_modules", self.target_modules)
+        if self.target_parameters is not None:
+            _require(isinstance(self.target_parameters, (list, tuple)) and self.target_parameters
+                     and all(isinstance(p, str) and "." in p for p in self.target_parameters),
+                     "target_parameters", self.target_parameters,
+                     "a non-empty list of '<module path or suffix>.<parameter>' names")
+            self.target_parameters = list(self.target_parameters)
+            if not self.target_modules:  # PEFT's spelling of "parameters only"
+                self.target_modules = []
+        if self.target_modules != [] or not self.target_parameters:
+            self.target_modules = _selector("target_modules", self.target_modules)
         self.exclude_modules = _selector("exclude_modules", self.exclude_modules)
         if self.modules_to_save is not None:
             _require(isinstance(self.modules_to_save, (list, tuple))

@@ -32,7 +32,7 @@ from .config import LoraConfig
 from .errors import AdapterError, ConfigError, MergeError
 from .layers import LoraLayer, LoraWeights, ModulesToSave
 from .quant import dequantize_model
-from .registry import check_targets, find_kind, selected_variant
+from .registry import check_targets, find_kind, selected_variant, target_sources
 from .routing import Router, RowAdapters
 from .surgery import default_targets, find_modules_to_save, find_targets, replace_module, unwrapped
 
@@ -98,8 +98,13 @@ class LoraModel(nn.Module):
         saved = find_modules_to_save(self.model, config.modules_to_save or [])
         variant = selected_variant(config)
         check_targets(config, [(name, unwrapped(module)) for name, module in targets])
+        others = [found for source in target_sources(config) for found in source.find(config, self.model)]
         for name, module in targets:
             layer = module if isinstance(module, LoraLayer) else self._wrap_at(name, module)
+            layer.create(adapter_name, config.rank_for(name), config.scaling_for(name),
+                         config.lora_dropout, config.init_lora_weights, variant=variant)
+        for name, at, make in others:
+            layer = self._wrap_at(at, make(self.model.get_submodule(at))) if make else self.model.get_submodule(name)
             layer.create(adapter_name, config.rank_for(name), config.scaling_for(name),
                          config.lora_dropout, config.init_lora_weights, variant=variant)
         for name, module in saved:
@@ -109,7 +114,7 @@ class LoraModel(nn.Module):
         self._update_trainable()
 
     def _wrap_at(self, path: str, module: nn.Module) -> nn.Module:
-        wrapper = module if isinstance(module, ModulesToSave) else find_kind(module).wrap(module)
+        wrapper = module if isinstance(module, (ModulesToSave, LoraLayer)) else find_kind(module).wrap(module)
         wrapper.router = self.router
         return replace_module(self.model, path, wrapper)
 
@@ -228,7 +233,7 @@ class LoraModel(nn.Module):
         for _, param in self.model.named_parameters(remove_duplicate=False):
             uses[id(param)] = uses.get(id(param), 0) + 1
         for module_name, layer in self.lora_layers():
-            weight = layer.base_layer.weight
+            weight = getattr(layer.base_layer, "weight", None)  # None: a parameter target's module
             if uses.get(id(weight), 0) > 1 and any(n in layer.lora and n not in layer.merged for n in names):
                 warnings.warn(f"{module_name}.weight is tied to another module; merging unties it")
                 layer.base_layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)

@@ -11,7 +11,9 @@ Each extension is one record declared at module level beside its code, in a modu
 * `InitScheme` (``lorafit/inits/``): the ``init_lora_weights`` values it accepts, the function
   that fills the factors, a target check, whether it rewrites the base weight, and for schemes
   that need data or the whole config, the `LoraConfig` field of their settings and their
-  preparation step (`lorafit.inits.prepare`).
+  preparation step (`lorafit.inits.prepare`);
+* `TargetSource` (any of them): a `LoraConfig` field naming targets other than modules, such as
+  ``target_parameters`` (``lorafit/kinds/parameter.py``), and how to find and wrap them.
 
 Nothing registers itself: the first lookup imports every module of those packages and collects
 the records they define, so what is found never depends on import order, and adding an
@@ -108,17 +110,37 @@ class InitScheme:
                 and re.fullmatch(self.pattern, value) is not None)
 
 
+# find(config, root) -> [(layer path, module path, make)], innermost first (see `TargetSource`).
+TargetFinder = Callable[[Any, nn.Module], list[tuple[str, str, Optional[Callable[[nn.Module], nn.Module]]]]]
+
+
+@dataclass(frozen=True)
+class TargetSource:
+    """Adapter targets named by a `LoraConfig` field other than target_modules (PEFT's
+    ``target_parameters``), used when that field is set.
+
+    ``find(config, root)`` checks the config against the model, changing nothing, and lists the
+    targets innermost first as ``(layer path, module path, make)``: the LoRA layer will sit at
+    `layer path`; ``make(module)`` builds it around the module now at `module path`, or `make`
+    is None when an earlier adapter's layer is already there.
+    """
+
+    field: str
+    find: TargetFinder
+
+
 @dataclass(frozen=True)
 class Extensions:
     kinds: tuple[LayerKind, ...]
     variants: tuple[Variant, ...]
     inits: tuple[InitScheme, ...]
+    sources: tuple[TargetSource, ...] = ()
 
 
 @functools.lru_cache(maxsize=None)
 def extensions() -> Extensions:
     """Every record defined by a module of `EXTENSION_PACKAGES` (imported on first call)."""
-    found: dict[type, list] = {LayerKind: [], Variant: [], InitScheme: []}
+    found: dict[type, list] = {LayerKind: [], Variant: [], InitScheme: [], TargetSource: []}
     for package_name in EXTENSION_PACKAGES:
         package = importlib.import_module(package_name)
         for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
@@ -127,7 +149,7 @@ def extensions() -> Extensions:
                 if type(value) in found and value not in found[type(value)]:
                     found[type(value)].append(value)
     kinds = sorted(found[LayerKind], key=lambda k: -k.priority)
-    return Extensions(tuple(kinds), tuple(found[Variant]), tuple(found[InitScheme]))
+    return Extensions(tuple(kinds), tuple(found[Variant]), tuple(found[InitScheme]), tuple(found[TargetSource]))
 
 
 def find_kind(module: nn.Module) -> Optional[LayerKind]:
@@ -137,8 +159,14 @@ def find_kind(module: nn.Module) -> Optional[LayerKind]:
 
 def claimed_fields() -> set[str]:
     """The `LoraConfig` feature fields some extension implements (`lorafit.config.FEATURES`):
-    variants' selecting fields and init schemes' settings fields."""
-    return {v.field for v in extensions().variants} | {s.settings for s in extensions().inits if s.settings}
+    variants' selecting fields, init schemes' settings fields and target sources' fields."""
+    return ({v.field for v in extensions().variants} | {s.settings for s in extensions().inits if s.settings}
+            | {s.field for s in extensions().sources})
+
+
+def target_sources(config: Any) -> list[TargetSource]:
+    """The target sources whose field `config` sets."""
+    return [s for s in extensions().sources if getattr(config, s.field, None)]
 
 
 def check_init_settings(config: Any) -> None:

@@ -87,7 +87,9 @@ def output_head_names(model: nn.Module) -> set[str]:
 
 def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module]]:
     """The (name, module) pairs `config` selects. Raises `TargetError` when nothing matches,
-    listing the model's candidate module names."""
+    listing the model's candidate module names. ``[]`` (with target_parameters) selects none."""
+    if config.target_modules == []:
+        return []
     heads = output_head_names(model) if config.target_modules == ALL_LINEAR else set()
     saved = config.modules_to_save or []
     targets = []

@@ -65,7 +65,7 @@ def test_default_values_of_unsupported_keys_are_silent():
 
 
 @pytest.mark.parametrize("key,value", [("use_qalora", True), ("trainable_token_indices", [1, 2]),
-                                       ("target_parameters", ["experts.down_proj"]),
+                                       ("arrow_config", {"top_k": 3}),
                                        ("alora_invocation_tokens", [5, 6]), ("kasa_config", {"a": 1})])
 def test_maths_changing_keys_are_refused(key, value):
     with pytest.raises(AdapterFileError, match=f"x.json: uses PEFT features lorafit does not implement.*{key} = "):

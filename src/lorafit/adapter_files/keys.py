@@ -14,14 +14,19 @@ from typing import Optional
 
 from torch import nn
 
+from ..layers import LoraLayer
 from ..registry import extensions, find_kind
 
 PREFIX = "base_model.model."
 
 
-def tensor_keys(base_layer: nn.Module, weights_cls: type) -> dict[str, str]:
-    """{parameter name of `weights_cls`: PEFT suffix} for an adapter on `base_layer`."""
-    a_key, b_key = find_kind(base_layer).factor_keys
+def tensor_keys(module: nn.Module, weights_cls: type) -> dict[str, str]:
+    """{parameter name of `weights_cls`: PEFT suffix} for an adapter on `module`, a base module or
+    its LoRA layer. A layer class that names its factors itself (`factor_keys`: a parameter
+    target, whose module no layer kind wraps) takes precedence over its base's kind."""
+    own = getattr(type(module), "factor_keys", None)
+    base = module.base_layer if isinstance(module, LoraLayer) else module
+    a_key, b_key = own or find_kind(base).factor_keys
     extra = next((dict(v.tensor_keys) for v in extensions().variants if v.weights is weights_cls), {})
     return {"A": a_key, "B": b_key, **extra}
 

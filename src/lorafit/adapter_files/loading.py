@@ -20,7 +20,7 @@ from ..atomic import PathLike
 from ..config import LoraConfig
 from ..errors import AdapterError, AdapterFileError, ConfigError, TargetError
 from ..layers import LoraLayer, LoraWeights, ModulesToSave
-from ..registry import Variant, check_targets, find_init, find_kind, selected_variant
+from ..registry import Variant, check_targets, find_init, find_kind, selected_variant, target_sources
 from ..surgery import find_modules_to_save, find_targets, unwrapped
 from . import fingerprints as fp
 from .keys import PREFIX, split_lora_key, strip_prefix, tensor_keys
@@ -87,19 +87,23 @@ def plan(root: nn.Module, adapter: AdapterDir, trainable: bool = False, strict: 
     """Check `adapter` against the base model `root` (which may already hold lorafit layers)."""
     config, extras = config_from_peft(adapter.config, where=str(adapter.config_file))
     if config.target_modules is None:
-        raise AdapterFileError(f"{adapter.config_file}: target_modules is not set")
+        raise AdapterFileError(f"{adapter.config_file}: neither target_modules nor target_parameters is set")
     config = config.replace(inference_mode=not trainable,
                             modules_to_save=_present_modules_to_save(root, config.modules_to_save))
     try:
         variant = selected_variant(config)
         targets = find_targets(root, config)
         check_targets(config, [(path, unwrapped(module)) for path, module in targets])
+        others = [found for source in target_sources(config) for found in source.find(config, root)]
     except ConfigError as exc:  # TargetError included
         raise AdapterFileError(f"{adapter.config_file}: {exc}") from None
     result = Plan(config, extras, adapter.user_metadata, variant)
     remaining = dict(adapter.tensors)
     for path, module in targets:
         result.lora[path] = _take_lora_tensors(adapter, remaining, path, module, config, variant)
+    for path, at, make in others:  # a layer built for the shapes only; the model is not touched
+        layer = make(root.get_submodule(at)) if make else root.get_submodule(path)
+        result.lora[path] = _take_lora_tensors(adapter, remaining, path, layer, config, variant)
     for path, module in find_modules_to_save(root, config.modules_to_save or []):
         result.saved[path] = _take_saved_module(adapter, remaining, path, module)
     for key in list(remaining):
@@ -111,7 +115,7 @@ def plan(root: nn.Module, adapter: AdapterDir, trainable: bool = False, strict: 
                                    f"{adapter.config_file.name} match the file?)")
         tensor = remaining.pop(key)
         result.base.append((_base_parameter(adapter, root, config, key, tensor), tensor))
-    _check_fingerprint(adapter, root, config, list(result.lora), strict)
+    _check_fingerprint(adapter, root, config, [path for path, _ in targets], strict)
     return result
 
 
@@ -156,7 +160,7 @@ def _take_lora_tensors(adapter: AdapterDir, remaining: dict[str, Tensor], path: 
     base = unwrapped(module)
     r = config.rank_for(path)
     expected_all = expected_shapes(module, r, variant)
-    names = tensor_keys(base, variant.weights if variant else LoraWeights)
+    names = tensor_keys(module, variant.weights if variant else LoraWeights)
     found = {}
     for param, expected in expected_all.items():
         key = f"{PREFIX}{path}.{names[param]}"

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ..atomic import PathLike, atomic_write_files
 from ..errors import AdapterError, AdapterFileError
+from ..kinds.parameter import LoraParameter
 from ..layers import ModulesToSave
 from ..quant import describe_quantization, float_dtype
 from ..version import __version__
@@ -112,16 +113,18 @@ def _save_one(model: "LoraModel", name: str, directory: Path, metadata: Optional
 
 
 def _adapter_tensors(model: "LoraModel", name: str) -> tuple[dict[str, Tensor], list[str]]:
-    """PEFT-named CPU copies of adapter `name`'s tensors, and the paths of its LoRA layers."""
+    """PEFT-named CPU copies of adapter `name`'s tensors, and the paths of its LoRA layers on
+    modules (those the base-model fingerprint covers)."""
     config = model.peft_config[name]
     tensors: dict[str, Tensor] = {}
     paths = []
     for path, layer in model.lora_layers():
         if name not in layer.lora:
             continue
-        paths.append(path)
+        if not isinstance(layer, LoraParameter):  # the fingerprint covers module targets
+            paths.append(path)
         weights = layer.lora[name]
-        names = tensor_keys(layer.base_layer, type(weights))
+        names = tensor_keys(layer, type(weights))
         for param, value in weights.named_parameters():
             if param not in names:
                 raise AdapterFileError(f"cannot save {type(weights).__name__}.{param}: it has no name in the adapter "
