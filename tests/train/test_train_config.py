@@ -83,3 +83,17 @@ def test_help_lists_every_option_and_config_field_with_its_default(capsys):
             assert "--temperature TEMPERATURE" in text and "(default: 0.0)" in text
     keys = [key for key, _, _ in config_reference(RunConfig)]
     assert {"model.dtype", "lora.r", "data.train_file", "train.loraplus_lr_ratio", "output.tensorboard"} <= set(keys)
+
+
+def test_every_config_key_has_a_whole_meaning_and_enums_list_their_values():
+    import typing
+
+    from lorafit.train.config import DataConfig, ModelConfig, TrainConfig
+
+    rows = {key: doc for key, _, doc in config_reference()}
+    for key, doc in rows.items():
+        assert len(doc) > 15 and doc.count("(") == doc.count(")") and doc.endswith((".", ")")), key
+    for prefix, cls in (("model.", ModelConfig), ("data.", DataConfig), ("train.", TrainConfig)):
+        for name, hint in typing.get_type_hints(cls).items():
+            if typing.get_origin(hint) is typing.Literal:
+                assert all(f"``{v}``" in rows[prefix + name] for v in typing.get_args(hint)), prefix + name

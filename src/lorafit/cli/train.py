@@ -29,7 +29,7 @@ def register(subparsers) -> None:
                     "adapter/, summary.json and loss.png. Launched by torchrun (torchrun "
                     "--nproc_per_node N -m lorafit train CONFIG.yaml), the processes train one run "
                     "together (train.distributed). Ctrl-C or SIGTERM saves the last step, then stops.",
-        epilog="config fields (KEY=DEFAULT):\n" + format_reference(config_reference()),
+        epilog="config fields (KEY=DEFAULT):\n" + format_reference(config_reference(full=False)),
         formatter_class=HelpFormatter,
     )
     p.add_argument("config", nargs="?", type=Path, metavar="CONFIG.yaml", help="the run's config file")

@@ -51,14 +51,23 @@ class DataConfig:
     dataset_config: Optional[str] = None
     """Configuration name passed to ``datasets.load_dataset`` (e.g. ``"sst2"`` for ``"glue"``)."""
     format: Literal["text", "instruction", "chat", "classification", "preference"] = "text"
-    """How a record becomes a training example (see the class docstring)."""
+    """How a record becomes a training example: ``text`` (loss on every token of `text_field`),
+    ``instruction`` (`instruction_field` + optional `input_field` as the prompt, loss on
+    `output_field` only), ``chat`` (`messages_field`, loss on assistant turns), ``classification``
+    (`text_field` and `label_field`), ``preference`` (`prompt_field`, `chosen_field`,
+    `rejected_field` pairs for DPO / ORPO)."""
     text_field: str = "text"
+    """The record key holding the text (``text`` and ``classification`` formats)."""
     label_field: str = "label"
+    """The record key holding the class label, a name or an integer id (``classification``)."""
     messages_field: str = "messages"
+    """The record key holding the conversation, a list of ``{"role", "content"}`` (``chat``)."""
     instruction_field: str = "instruction"
+    """The record key holding the instruction, the prompt's main part (``instruction``)."""
     input_field: str = "input"
     """Optional in each record: an absent or empty input leaves the prompt as the instruction alone."""
     output_field: str = "output"
+    """The record key holding the answer the loss is taken on (``instruction``)."""
     prompt_field: str = "prompt"
     """Preference records: the prompt (a string, or messages ending on a user turn)."""
     chosen_field: str = "chosen"

@@ -19,6 +19,7 @@ import math
 import os
 import re
 import textwrap
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Literal, Optional, Sequence
@@ -300,17 +301,24 @@ def resolved(cfg: RunConfig) -> RunConfig:
 # -- reference for --help -------------------------------------------------------------------
 
 
-def config_reference(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
-    """``(dotted key, default, first docstring line)`` for every leaf field of `cls`."""
+def config_reference(cls: type = RunConfig, prefix: str = "", full: bool = True) -> list[tuple[str, str, str]]:
+    """``(dotted key, default, meaning)`` for every leaf field of `cls`: the field's whole
+    docstring on one line (its first sentence unless `full`), and for a field that takes one of
+    fixed values (a ``Literal``), those values."""
     rows = []
-    docs = field_docs(cls)
+    docs = field_docs(cls, full)
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         key = f"{prefix}{f.name}"
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         if dataclasses.is_dataclass(default):
-            rows += config_reference(type(default), key + ".")
-        else:
-            rows.append((key, _show(default), docs.get(f.name, "")))
+            rows += config_reference(type(default), key + ".", full)
+            continue
+        doc = docs.get(f.name, "")
+        if typing.get_origin(hints.get(f.name)) is typing.Literal:
+            values = ", ".join(f"``{v}``" for v in typing.get_args(hints[f.name]))
+            doc = f"{doc} One of {values}." if doc else f"One of {values}."
+        rows.append((key, _show(default), doc))
     return rows
 
 
@@ -319,8 +327,9 @@ def format_reference(rows: Sequence[tuple[str, str, str]]) -> str:
     return "\n".join(f"  {key}={default}".ljust(width + 3) + doc for key, default, doc in rows)
 
 
-def field_docs(cls: type) -> dict[str, str]:
-    """First sentence of each field's attribute docstring (the string literal under the field)."""
+def field_docs(cls: type, full: bool = True) -> dict[str, str]:
+    """Each field's attribute docstring (the string literal under the field) on one line, or its
+    first sentence unless `full`."""
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     except (OSError, TypeError):
@@ -332,7 +341,7 @@ def field_docs(cls: type) -> dict[str, str]:
                 and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
                 and isinstance(after.value.value, str)):
             text = " ".join(after.value.value.split())
-            docs[node.target.id] = re.split(r"\.\s+(?=[A-Z`])", text)[0].rstrip(".")
+            docs[node.target.id] = text if full else re.split(r"(?<!e\.g)(?<!i\.e)\.\s+(?=[A-Z`])", text)[0].rstrip(".") + "."
     return docs
 
 
