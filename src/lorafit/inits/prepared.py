@@ -138,6 +138,12 @@ def out_in(module: nn.Module, tensor: Tensor) -> Tensor:
     return tensor.T if find_kind(module).name == "hf_conv1d" else tensor
 
 
+def out_features(module: nn.Module) -> int:
+    """The output size of a linear base module (nn.Linear, HF Conv1D, a bitsandbytes linear)."""
+    found = getattr(module, "out_features", None)
+    return found if found is not None else out_in(module, module.weight).shape[0]
+
+
 def call_model(model: nn.Module, batch: Any) -> Any:
     return model(**batch) if isinstance(batch, Mapping) else model(batch)
 
