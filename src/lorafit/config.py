@@ -85,7 +85,10 @@ class LoraConfig:
     A is [E·r, in], B [out, r·E] and ``ΔW[e] = s · B_e A_e``; needs lora_dropout 0. With it,
     target_modules may be ``[]`` (null means ``[]`` too, as in PEFT)."""
     trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = None
-    """Train only these embedding rows (PEFT): not implemented; must stay null."""
+    """Train only these token rows, e.g. new special tokens: a list of token ids for the input
+    embeddings, or {module name: ids} (an embedding or a linear output head). Each chosen row is
+    replaced by a trained row V[k] (initialised to the old one); an output head tied to the
+    embedding uses the same rows."""
     layer_replication: Optional[list[list[int]]] = None
     """Build a deeper model from repeated layer ranges (PEFT): not implemented; must stay null."""
     alora_invocation_tokens: Optional[list[int]] = None
@@ -133,6 +136,12 @@ class LoraConfig:
             self.target_parameters = list(self.target_parameters)
             if not self.target_modules:  # PEFT's spelling of "parameters only"
                 self.target_modules = []
+        if self.trainable_token_indices is not None:
+            tokens = self.trainable_token_indices
+            _require(isinstance(tokens, (list, dict)) and bool(tokens) and all(
+                isinstance(k, str) and isinstance(v, list) for k, v in tokens.items())
+                if isinstance(tokens, dict) else isinstance(tokens, list) and bool(tokens),
+                "trainable_token_indices", tokens, "a list of token ids or {module name: [token ids]}")
         if self.target_modules != [] or not self.target_parameters:
             self.target_modules = _selector("target_modules", self.target_modules)
         self.exclude_modules = _selector("exclude_modules", self.exclude_modules)

@@ -103,10 +103,10 @@ class LoraModel(nn.Module):
             layer = module if isinstance(module, LoraLayer) else self._wrap_at(name, module)
             layer.create(adapter_name, config.rank_for(name), config.scaling_for(name),
                          config.lora_dropout, config.init_lora_weights, variant=variant)
-        for name, at, make in others:
-            layer = self._wrap_at(at, make(self.model.get_submodule(at))) if make else self.model.get_submodule(name)
-            layer.create(adapter_name, config.rank_for(name), config.scaling_for(name),
-                         config.lora_dropout, config.init_lora_weights, variant=variant)
+        for target in others:
+            at = self.model.get_submodule(target.at)
+            layer = self._wrap_at(target.at, target.make(at)) if target.make else self.model.get_submodule(target.path)
+            target.add(layer, adapter_name)
         for name, module in saved:
             wrapper = module if isinstance(module, ModulesToSave) else self._wrap_at(name, ModulesToSave(module))
             wrapper.add(adapter_name)

@@ -110,23 +110,32 @@ class InitScheme:
                 and re.fullmatch(self.pattern, value) is not None)
 
 
-# find(config, root) -> [(layer path, module path, make)], innermost first (see `TargetSource`).
-TargetFinder = Callable[[Any, nn.Module], list[tuple[str, str, Optional[Callable[[nn.Module], nn.Module]]]]]
+@dataclass(frozen=True)
+class SourceTarget:
+    """One target of a `TargetSource`. Its LoRA layer sits at `path` and wraps the module now at
+    `at`: ``make(module)`` builds it, or `make` is None when an earlier adapter's layer is there.
+    ``add(layer, adapter name)`` gives the layer the adapter, whose parameters have `shapes`
+    ({parameter: shape}) and PEFT tensor-name suffixes `keys` ({parameter: suffix})."""
+
+    path: str
+    at: str
+    make: Optional[Callable[[nn.Module], nn.Module]]
+    add: Callable[[nn.Module, str], None]
+    shapes: Mapping[str, tuple[int, ...]]
+    keys: Mapping[str, str]
 
 
 @dataclass(frozen=True)
 class TargetSource:
     """Adapter targets named by a `LoraConfig` field other than target_modules (PEFT's
-    ``target_parameters``), used when that field is set.
+    ``target_parameters``, ``trainable_token_indices``), used when that field is set.
 
-    ``find(config, root)`` checks the config against the model, changing nothing, and lists the
-    targets innermost first as ``(layer path, module path, make)``: the LoRA layer will sit at
-    `layer path`; ``make(module)`` builds it around the module now at `module path`, or `make`
-    is None when an earlier adapter's layer is already there.
+    ``find(config, root)`` checks the config against the model, changing nothing, and returns
+    the `SourceTarget` list in the order the layers are to be built (inner layers first).
     """
 
     field: str
-    find: TargetFinder
+    find: Callable[[Any, nn.Module], list[SourceTarget]]
 
 
 @dataclass(frozen=True)

@@ -118,6 +118,12 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Mod
     return targets
 
 
+def module_target_paths(model: nn.Module, config: LoraConfig) -> set[str]:
+    """Paths `config.target_modules` selects (none while it is unset), for the target sources
+    (`lorafit.registry.TargetSource`) to refuse a module targeted twice."""
+    return set() if config.target_modules is None else {name for name, _ in find_targets(model, config)}
+
+
 def _warn_layout(config: LoraConfig, targets: list[tuple[str, nn.Module]]) -> None:
     """`fan_in_fan_out` is decided by the layer kind (HF Conv1D stores [in, out]); a config that
     says otherwise is corrected with a warning naming a module, as PEFT does."""

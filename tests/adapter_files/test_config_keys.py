@@ -64,7 +64,7 @@ def test_default_values_of_unsupported_keys_are_silent():
                           "runtime_config": {"ephemeral_gpu_offload": False}}, "x.json")
 
 
-@pytest.mark.parametrize("key,value", [("use_qalora", True), ("trainable_token_indices", [1, 2]),
+@pytest.mark.parametrize("key,value", [("use_qalora", True), ("use_bdlora", {"block_size": 2}),
                                        ("arrow_config", {"top_k": 3}),
                                        ("alora_invocation_tokens", [5, 6]), ("kasa_config", {"a": 1})])
 def test_maths_changing_keys_are_refused(key, value):

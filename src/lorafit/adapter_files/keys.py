@@ -22,11 +22,13 @@ PREFIX = "base_model.model."
 
 def tensor_keys(module: nn.Module, weights_cls: type) -> dict[str, str]:
     """{parameter name of `weights_cls`: PEFT suffix} for an adapter on `module`, a base module or
-    its LoRA layer. A layer class that names its factors itself (`factor_keys`: a parameter
-    target, whose module no layer kind wraps) takes precedence over its base's kind."""
-    own = getattr(type(module), "factor_keys", None)
+    its LoRA layer. A weights class that names its tensors itself (`file_keys`: targets of
+    target_parameters or trainable_token_indices, on modules no layer kind wraps) is used as is."""
+    own = getattr(weights_cls, "file_keys", None)
+    if own is not None:
+        return dict(own)
     base = module.base_layer if isinstance(module, LoraLayer) else module
-    a_key, b_key = own or find_kind(base).factor_keys
+    a_key, b_key = find_kind(base).factor_keys
     extra = next((dict(v.tensor_keys) for v in extensions().variants if v.weights is weights_cls), {})
     return {"A": a_key, "B": b_key, **extra}
 

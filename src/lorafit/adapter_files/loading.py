@@ -20,7 +20,7 @@ from ..atomic import PathLike
 from ..config import LoraConfig
 from ..errors import AdapterError, AdapterFileError, ConfigError, TargetError
 from ..layers import LoraLayer, LoraWeights, ModulesToSave
-from ..registry import Variant, check_targets, find_init, find_kind, selected_variant, target_sources
+from ..registry import SourceTarget, Variant, check_targets, find_init, find_kind, selected_variant, target_sources
 from ..surgery import find_modules_to_save, find_targets, unwrapped
 from . import fingerprints as fp
 from .keys import PREFIX, split_lora_key, strip_prefix, tensor_keys
@@ -101,9 +101,8 @@ def plan(root: nn.Module, adapter: AdapterDir, trainable: bool = False, strict: 
     remaining = dict(adapter.tensors)
     for path, module in targets:
         result.lora[path] = _take_lora_tensors(adapter, remaining, path, module, config, variant)
-    for path, at, make in others:  # a layer built for the shapes only; the model is not touched
-        layer = make(root.get_submodule(at)) if make else root.get_submodule(path)
-        result.lora[path] = _take_lora_tensors(adapter, remaining, path, layer, config, variant)
+    for target in others:
+        result.lora[target.path] = _take_source_tensors(adapter, remaining, target)
     for path, module in find_modules_to_save(root, config.modules_to_save or []):
         result.saved[path] = _take_saved_module(adapter, remaining, path, module)
     for key in list(remaining):
@@ -160,7 +159,7 @@ def _take_lora_tensors(adapter: AdapterDir, remaining: dict[str, Tensor], path: 
     base = unwrapped(module)
     r = config.rank_for(path)
     expected_all = expected_shapes(module, r, variant)
-    names = tensor_keys(module, variant.weights if variant else LoraWeights)
+    names = tensor_keys(base, variant.weights if variant else LoraWeights)
     found = {}
     for param, expected in expected_all.items():
         key = f"{PREFIX}{path}.{names[param]}"
@@ -171,6 +170,23 @@ def _take_lora_tensors(adapter: AdapterDir, remaining: dict[str, Tensor], path: 
         if tuple(tensor.shape) != expected:
             raise AdapterFileError(f"{adapter.weights_file}: tensor {key!r} "
                                    f"{_shape_problem(param, tensor, expected, r, config, path, base)}")
+        found[param] = tensor
+    return found
+
+
+def _take_source_tensors(adapter: AdapterDir, remaining: dict[str, Tensor], target: SourceTarget) -> dict[str, Tensor]:
+    """Pop and check the tensors of a target named by target_parameters / trainable_token_indices."""
+    found = {}
+    for param, expected in target.shapes.items():
+        key = f"{PREFIX}{target.path}.{target.keys[param]}"
+        if key not in remaining:
+            raise AdapterFileError(f"{adapter.weights_file}: missing tensor {key!r}, which "
+                                   f"{adapter.config_file.name} targets")
+        tensor = remaining.pop(key)
+        if tuple(tensor.shape) != tuple(expected):
+            raise AdapterFileError(f"{adapter.weights_file}: tensor {key!r} has shape {tuple(tensor.shape)}, but "
+                                   f"{adapter.config_file.name} (r, rank_pattern, token indices) gives "
+                                   f"{target.path!r} the shape {tuple(expected)}")
         found[param] = tensor
     return found
 

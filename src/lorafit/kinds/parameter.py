@@ -24,17 +24,15 @@ that sets target_parameters must target the same parameters (PEFT's rule: the ne
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional
-
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..errors import AdapterError, ConfigError, TargetError
 from ..layers import LoraLayer, LoraWeights
-from ..registry import TargetSource, find_init
+from ..registry import SourceTarget, TargetSource, find_init
 from ..routing import Route, RowAdapters
-from ..surgery import has_suffix, walk
+from ..surgery import has_suffix, module_target_paths, walk
 
 DEFAULT_INITS = (True, False, "gaussian")
 
@@ -44,6 +42,7 @@ class ParameterWeights(LoraWeights):
 
     fusable = False
     gatherable = False
+    file_keys = {"A": "lora_A.weight", "B": "lora_B.weight"}  # PEFT's, as for a linear layer
 
     def __init__(self, A: Tensor, B: Tensor, scaling: float, dropout_p: float = 0.0, experts: int = 0,
                  transposed: bool = False):
@@ -67,8 +66,6 @@ class ParameterWeights(LoraWeights):
 class LoraParameter(LoraLayer):
     """Runs `base_layer` with its parameter `parameter_name` replaced by ``W + Σ ΔW`` of the
     running adapters. `base_layer` may itself be a `LoraParameter` (two parameters of one module)."""
-
-    factor_keys = ("lora_A.weight", "lora_B.weight")
 
     def __init__(self, base_layer: nn.Module, parameter_name: str):
         super().__init__(base_layer)
@@ -157,13 +154,14 @@ class LoraParameter(LoraLayer):
         return result
 
 
-def find_parameter_targets(config, root: nn.Module) -> list[tuple[str, str, Optional[Callable]]]:
+def find_parameter_targets(config, root: nn.Module) -> list[SourceTarget]:
     """The parameters `config.target_parameters` selects in `root`, innermost layer first.
 
     An entry selects parameter ``P.n`` (module path P, parameter name n) when it equals
     ``P.n`` or is a dotted suffix of it. ConfigError/TargetError name what is refused."""
     _check_config(config)
     wanted = list(config.target_parameters)
+    targeted = module_target_paths(root, config)
     found, matched = [], set()
     for path, module in walk(root):
         owner, chain = module, []
@@ -175,7 +173,7 @@ def find_parameter_targets(config, root: nn.Module) -> list[tuple[str, str, Opti
         if not names:
             continue
         matched.update(e for e in wanted for n in names if has_suffix(f"{path}.{n}", [e]))
-        if owner is not base:
+        if owner is not base or path in targeted:
             raise ConfigError(f"LoraConfig.target_parameters selects {path}.{names[0]}, but {path!r} is "
                               f"also targeted by target_modules; target one or the other")
         if chain and [w.parameter_name for w in chain] != names:
@@ -187,14 +185,23 @@ def find_parameter_targets(config, root: nn.Module) -> list[tuple[str, str, Opti
             if len(shape) not in (2, 3):
                 raise ConfigError(f"LoraConfig.target_parameters: {path}.{name} has shape {shape}; "
                                   f"expected a 2-D [out, in] or 3-D [experts, out, in] parameter")
-            make = None if chain else functools.partial(LoraParameter, parameter_name=name)
-            found.append((path + ".base_layer" * (len(names) - 1 - i), path, make))
+            layer_path = path + ".base_layer" * (len(names) - 1 - i)
+            probe = chain[i] if chain else LoraParameter(base, name)  # for the shapes; not placed
+            r = config.rank_for(layer_path)
+            a_shape, b_shape = probe.factor_shapes(r)
+            add = functools.partial(_add, r=r, scaling=config.scaling_for(layer_path), init=config.init_lora_weights)
+            found.append(SourceTarget(layer_path, path, None if chain else functools.partial(LoraParameter, parameter_name=name),
+                                      add, {"A": a_shape, "B": b_shape}, ParameterWeights.file_keys))
     missing = [e for e in wanted if e not in matched]
     if missing:
         raise TargetError(f"LoraConfig.target_parameters entries {missing} match no parameter of "
                           f"{type(root).__name__} (write them as '<module path or suffix>.<parameter>', "
                           f"e.g. 'experts.gate_up_proj')")
     return found
+
+
+def _add(layer: LoraParameter, name: str, r: int, scaling: float, init) -> None:
+    layer.create(name, r, scaling, init=init)
 
 
 def _check_config(config) -> None:
