@@ -4,7 +4,8 @@
     python scripts/update_readme.py --check  # exit 1 if README.md is out of date
 
 Sections (between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->``): ``config`` (every run
-config key, its default and description, from the dataclasses), ``serve`` (bench/serve_load.json)
+config key, its default and description, from the dataclasses), ``peft_fields`` (PEFT's
+LoraConfig fields: supported, refused or kept, from `lorafit.config.FEATURES` and the registry), ``serve`` (bench/serve_load.json)
 and ``bench`` (bench/results.json, rendered by bench/run.py).
 """
 
@@ -26,6 +27,35 @@ def config_section() -> str:
     rows = ["| key | default | meaning |", "|---|---|---|"]
     for key, default, doc in config_reference():
         rows.append(f"| `{key}` | `{default}` | {doc.replace('|', '/')} |")
+    return "\n".join(rows)
+
+
+def peft_fields_section() -> str:
+    """PEFT 0.21.2's 42 LoraConfig fields: lorafit's LoraConfig fields (feature fields supported
+    when an extension claims them), the keys kept without effect, and the ones PEFT drops."""
+    from lorafit.adapter_files.peft_config import BOOKKEEPING, DROPPED
+    from lorafit.config import FEATURES, field_names
+    from lorafit.registry import claimed_fields, extensions
+    from lorafit.train.config import config_reference
+
+    docs = {key.removeprefix("lora."): doc for key, _, doc in config_reference() if key.startswith("lora.")}
+    claimed = claimed_fields()
+    modules = {s.field: s.find.__module__ for s in extensions().sources}
+    modules.update({v.field: v.weights.__module__ for v in extensions().variants})
+    rows = ["| PEFT field | in lorafit | what it does |", "|---|---|---|"]
+    for name in sorted(set(field_names()) | BOOKKEEPING | DROPPED):
+        if name in FEATURES and name not in claimed:
+            status, what = "refused when set", FEATURES[name]
+        elif name in FEATURES:
+            where = f" (`{modules[name]}`)" if name in modules else ""
+            status, what = f"supported{where}", docs[name]
+        elif name in docs:
+            status, what = "supported", docs[name]
+        elif name in DROPPED:
+            status, what = "dropped on load (as PEFT)", "runtime-only"
+        else:
+            status, what = "kept, written back", "no effect on the adapter's outputs"
+        rows.append(f"| `{name}` | {status} | {what.replace('|', '/').rstrip('.')} |")
     return "\n".join(rows)
 
 
@@ -55,7 +85,7 @@ def bench_section() -> str:
     return bench.render_table(json.loads(path.read_text()))
 
 
-SECTIONS = {"config": config_section, "serve": serve_section, "bench": bench_section}
+SECTIONS = {"config": config_section, "peft_fields": peft_fields_section, "serve": serve_section, "bench": bench_section}
 
 
 def render(text: str) -> str:
