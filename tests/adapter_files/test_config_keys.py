@@ -45,10 +45,10 @@ def test_newer_keys_are_reported_and_written_back(tmp_path):
 
 
 def test_unknown_init_scheme_loads_and_is_written_back(tmp_path):
-    config, extras = config_from_peft({**BASE, "init_lora_weights": "eva", "eva_config": {"rho": 2.0}}, "x.json")
+    config, extras = config_from_peft({**BASE, "init_lora_weights": "mica"}, "x.json")
     assert config.init_lora_weights is True
-    assert extras == {"init_lora_weights": "eva", "eva_config": {"rho": 2.0}}
-    assert config_to_peft(config, extras)["init_lora_weights"] == "eva"
+    assert extras == {"init_lora_weights": "mica"}
+    assert config_to_peft(config, extras)["init_lora_weights"] == "mica"
 
 
 def test_base_rewriting_init_lorafit_cannot_redo_warns():

@@ -13,7 +13,7 @@ import lorafit
 from lorafit import ConfigError, LoraConfig
 from lorafit.inits import prepare
 
-from conftest import TARGETS, relative, token_batches
+from init_data import TARGETS, relative, token_batches
 
 
 @pytest.mark.parametrize("method", ["ipm", "kpm"])
@@ -61,8 +61,9 @@ def test_corda_by_hand():
     torch.testing.assert_close(model.model[0].base_layer.weight, W - want, rtol=0, atol=1e-5)
 
 
-def test_corda_refuses_pickle_caches():
+def test_corda_refuses_pickle_caches(base):
+    config = LoraConfig(init_lora_weights="corda", target_modules=TARGETS, corda_config={"cache_file": "c.pt"})
     with pytest.raises(ConfigError, match=r"corda_config\.cache_file = 'c\.pt'"):
-        LoraConfig(init_lora_weights="corda", corda_config={"cache_file": "c.pt"})
+        prepare(base, config, token_batches())
     with pytest.raises(ConfigError, match=r"corda_config\.corda_method"):
         LoraConfig(init_lora_weights="corda", corda_config={"corda_method": "xpm"})

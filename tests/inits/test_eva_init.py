@@ -13,7 +13,7 @@ import lorafit
 from lorafit import ConfigError, LoraConfig
 from lorafit.inits import prepare
 
-from conftest import token_batches
+from init_data import token_batches
 
 # One target per distinct input (q/k/v and gate/up share theirs; PEFT then breaks ties its own way).
 EVA_TARGETS = ["q_proj", "o_proj", "up_proj", "down_proj"]

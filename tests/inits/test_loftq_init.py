@@ -12,7 +12,7 @@ from lorafit import ConfigError, LoraConfig
 from lorafit.inits import prepare
 from lorafit.quant import quantize_model
 
-from conftest import relative
+from init_data import relative
 
 
 def nf4_by_hand(w):

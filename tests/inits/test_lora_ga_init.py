@@ -11,7 +11,7 @@ import lorafit
 from lorafit import ConfigError, LoraConfig
 from lorafit.inits import prepare
 
-from conftest import TARGETS, relative, token_batches
+from init_data import TARGETS, relative, token_batches
 
 
 def peft_lora_ga(base, batches, **settings):

@@ -27,13 +27,13 @@ PEFT_TYPE = "LORA"
 # Keys that do not change the loaded adapter's outputs: kept on round trip, not reported.
 BOOKKEEPING = {
     "peft_version", "auto_mapping", "revision", "megatron_config", "megatron_core", "qalora_group_size",
-    "loftq_config", "eva_config", "corda_config", "lora_ga_config", "velora_config", "ensure_weight_tying",
+    "velora_config", "ensure_weight_tying",
 }
 # Runtime-only settings PEFT itself drops when loading.
 DROPPED = {"peft_type", "runtime_config"}
-# init_lora_weights schemes that rewrite the base weights at initialisation and that lorafit does
-# not implement. PEFT redoes the rewrite when loading such an adapter (unless it was converted to
-# a plain LoRA when saved); lorafit cannot, so it warns. PiSSA and OLoRA are redone, as in PEFT.
+# init_lora_weights schemes that rewrite the base weights from data or from the original weights
+# (`lorafit.inits.prepare`), which loading cannot redo: such an adapter only fits the rewritten
+# base saved beside it (or a plain-LoRA conversion), so loading warns. PiSSA and OLoRA are redone.
 UNREPRODUCED_INITS = ("corda", "loftq", "lora_ga")
 
 
@@ -41,8 +41,9 @@ def config_from_peft(data: Any, where: str) -> tuple[LoraConfig, dict[str, Any]]
     """Build a `LoraConfig` from an ``adapter_config.json`` object.
 
     Returns the config and the *extras*: every key lorafit does not model (plus an
-    ``init_lora_weights`` value lorafit does not know, replaced by True in the config: the scheme
-    only matters at initialisation, and loading overwrites the factors). `where` names the file.
+    ``init_lora_weights`` value lorafit does not know or that needs `lorafit.inits.prepare`,
+    replaced by True in the config: the scheme only matters at initialisation, and loading
+    overwrites the factors). `where` names the file.
     """
     if not isinstance(data, Mapping):
         raise AdapterFileError(f"{where}: expected a JSON object, found {type(data).__name__}")
@@ -57,7 +58,7 @@ def config_from_peft(data: Any, where: str) -> tuple[LoraConfig, dict[str, Any]]
     if any(str(init).lower().startswith(scheme) for scheme in UNREPRODUCED_INITS):
         warnings.warn(f"{where}: init_lora_weights = {init!r} rewrites the base weights, which lorafit cannot "
                       f"redo; the adapter only fits that rewritten base model", AdapterFileWarning, stacklevel=3)
-    if not _known_init(init):
+    if not _redone_on_load(init):
         kwargs["init_lora_weights"] = True
         extras["init_lora_weights"] = init
     unknown = sorted(key for key, value in extras.items()
@@ -79,9 +80,10 @@ def config_to_peft(config: LoraConfig, extras: Mapping[str, Any], **overrides: A
     return {**config.to_dict(), **extras, "peft_type": PEFT_TYPE, "inference_mode": True, **overrides}
 
 
-def _known_init(value: Any) -> bool:
+def _redone_on_load(value: Any) -> bool:
+    """A scheme lorafit knows and can run while loading; not one that needs data or the original
+    weights (`InitScheme.prepare`: its factors come from the file anyway)."""
     try:
-        find_init(value)
+        return find_init(value).prepare is None
     except ConfigError:
         return False
-    return True

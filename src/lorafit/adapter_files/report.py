@@ -10,6 +10,8 @@ from typing import Any, Optional
 from ..atomic import PathLike
 from ..combine import METADATA_KEY as COMBINED_KEY
 from ..config import LoraConfig
+from ..errors import ConfigError
+from ..registry import find_init
 from .fingerprints import describe
 from .keys import split_lora_key, strip_prefix
 from .peft_config import config_from_peft
@@ -53,6 +55,7 @@ def describe_adapter(path: PathLike, allow_pickle: bool = False) -> dict[str, An
         "files": files,
         "metadata": adapter.user_metadata,
         "combined": adapter.user_metadata.get(COMBINED_KEY),
+        "initialised": _initialisation(config, extras),
         "extra_config_keys": sorted(extras),
         "subfolder_adapters": sorted(p.name for p in adapter.path.iterdir() if (p / CONFIG_NAME).is_file()),
         "checks": checks,
@@ -113,6 +116,7 @@ def format_report(report: dict[str, Any]) -> str:
         ("adapter", f"{report['path']} (PEFT LoRA, saved by {report['saved_by']})"),
         ("base model", f"{report['base_model'] or '(not recorded)'}; fingerprint: {describe(report['fingerprint'])}"),
         ("combined", _combined_text(report["combined"])),
+        ("initialised", _init_text(report["initialised"])),
         ("task type", config["task_type"] or "(none)"),
         ("r", f"{config['r']}   lora_alpha {config['lora_alpha']}   scaling {report['scaling']:g}   "
               f"rslora {_yes(config['use_rslora'])}   dora {_yes(config['use_dora'])}   bias {config['bias']}"),
@@ -135,6 +139,25 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append("checks")
     lines += [f"  {'ok  ' if ok else 'FAIL'}  {text}" for ok, text in report["checks"]]
     return "\n".join(lines)
+
+
+def _initialisation(config: LoraConfig, extras: dict[str, Any]) -> dict[str, Any]:
+    """``init_lora_weights`` as saved, its settings field (``eva_config``...) and whether the
+    scheme rewrote the base weights (then the adapter fits that rewritten base only)."""
+    value = extras.get("init_lora_weights", config.init_lora_weights)
+    try:
+        scheme = find_init(value)
+    except ConfigError:
+        return {"scheme": value, "settings": None, "rewrites_base": None}
+    return {"scheme": value, "settings": getattr(config, scheme.settings) if scheme.settings else None,
+            "rewrites_base": scheme.rewrites_base}
+
+
+def _init_text(init: dict[str, Any]) -> str:
+    settings = f" ({json.dumps(init['settings'])})" if init["settings"] else ""
+    base = {True: "; it rewrote the base weights, so the adapter fits that rewritten base",
+            None: " (a scheme lorafit does not know)"}.get(init["rewrites_base"], "")
+    return f"init_lora_weights {json.dumps(init['scheme'])}{settings}{base}"
 
 
 def _combined_text(combined: Any) -> Optional[str]:

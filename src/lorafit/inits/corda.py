@@ -44,12 +44,6 @@ class CordaConfig:
     use_float16_for_covariance: bool = False
     prune_temporary_fields: bool = True
 
-    def __post_init__(self) -> None:
-        for key in ("cache_file", "covariance_file"):
-            if getattr(self, key) is not None:
-                raise ConfigError(f"LoraConfig.corda_config.{key} = {getattr(self, key)!r}: lorafit does not read or "
-                                  f"write PEFT's CorDA cache files (pickles); leave it null")
-
 
 def input_covariances(preparation: Preparation) -> dict[str, Tensor]:
     """{path: C [in, in]} as defined in the module docstring."""
@@ -93,7 +87,12 @@ def corda_factors(weight: Tensor, covariance: Tensor, r: int, scaling: float, me
 
 
 def prepare_corda(preparation: Preparation) -> LoraConfig:
+    """Refuses PEFT's cache files here, not in `CordaConfig`: a PEFT adapter naming one still loads."""
     config, method = preparation.config, preparation.settings.corda_method
+    for key in ("cache_file", "covariance_file"):
+        if getattr(preparation.settings, key) is not None:
+            raise ConfigError(f"LoraConfig.corda_config.{key} = {getattr(preparation.settings, key)!r}: lorafit does "
+                              f"not read or write PEFT's CorDA cache files (pickles); leave it null")
     covariances = input_covariances(preparation)
 
     def factors(path: str, module: nn.Module) -> Prepared:

@@ -167,7 +167,8 @@ def collect_inputs(preparation: Preparation, on_input: Callable[[str, Tensor, An
     def hook_for(path: str):
         return lambda module, args, output: on_input(path, args[0].detach(), current[0])
 
-    handles = [module.register_forward_hook(hook_for(path)) for path, module in preparation.targets]
+    root = base_model_of(model)  # hook the module at each path: a LoRA layer may not call its base module
+    handles = [root.get_submodule(path).register_forward_hook(hook_for(path)) for path, _ in preparation.targets]
     was_training = model.training
     model.eval()
     count = 0
