@@ -27,7 +27,8 @@ def test_saved_corda_adapter_records_its_init_and_reloads_on_the_rewritten_base(
     saved = json.loads((out / "adapter_config.json").read_text())
     assert saved["init_lora_weights"] == "corda" and saved["corda_config"] == {"corda_method": "kpm"}
     text = format_report(describe_adapter(out))
-    assert re.search(r'initialised +init_lora_weights "corda" \({"corda_method": "kpm"}\); it rewrote the base weights', text)
+    assert re.search(r'initialised +init_lora_weights "corda" \({"corda_method": "kpm"}\); it rewrote the base '
+                     r'weights', text)
     rewritten = copy.deepcopy(model).unload()  # the base that ships with the adapter
     ids = batches[0]["input_ids"]
     with pytest.warns(UserWarning, match="'corda' rewrites the base weights"):
@@ -54,7 +55,8 @@ def test_peft_eva_adapter_loads_with_its_settings(base, tmp_path):
 def test_wrap_refuses_a_config_other_than_the_prepared_one(base):
     config = LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="loftq")
     prepare(base, config)
-    with pytest.raises(ConfigError, match=r"'model.layers.0.self_attn.q_proj' was prepared for rank 4 and scale 2, but the adapter has rank 2 and scale 1"):
+    with pytest.raises(ConfigError, match=r"'model.layers.0.self_attn.q_proj' was prepared for rank 4 and scale 2, "
+                                          r"but the adapter has rank 2 and scale 1"):
         lorafit.wrap(base, config.replace(r=2, lora_alpha=2))
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -12,6 +12,7 @@ from ..adapter_files import inference_dtype, label_config, read_adapter_dir, tra
 from ..dtypes import DTYPES, torch_dtype
 from ..errors import ConfigError
 from ..hardware import auto_dtype
+from ..inits import prepare
 from ..model import LoraModel, load, wrap
 from ..quant import quantize_like, quantize_model
 from .config import ModelConfig, RunConfig
@@ -70,11 +71,14 @@ def head_modules(model: nn.Module) -> list[str]:
 
 
 def build_model(cfg: RunConfig, labels: Optional[Sequence[str]], device: torch.device,
-                pad_token_id: Optional[int] = None) -> LoraModel:
+                pad_token_id: Optional[int] = None, init_batches: Optional[Iterable[Any]] = None) -> LoraModel:
     """The base model of `cfg`, wrapped with ``cfg.lora`` and ready to train on `device`.
 
     A classifier's head goes to ``modules_to_save`` unless the config names those modules.
     Trainable parameters are fp32 whatever the base dtype (see `ModelConfig.dtype`).
+    Initialisations computed from data (``init_lora_weights`` eva, corda, lora_ga) run on
+    `init_batches` (model inputs with labels; read only by those schemes) before wrapping
+    (`lorafit.inits.prepare`).
     """
     dtype = resolve_dtype(cfg.model.dtype, device)
     base = load_base(cfg.model, cfg.task, labels, dtype, pad_token_id)
@@ -88,7 +92,7 @@ def build_model(cfg: RunConfig, labels: Optional[Sequence[str]], device: torch.d
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.enable_input_require_grads()  # the frozen embeddings would otherwise cut the graph
         base.config.use_cache = False
-    model = wrap(base, lora).to(device)
+    model = wrap(base, prepare(base.to(device), lora, init_batches)).to(device)
     for param in model.parameters():
         if param.requires_grad:
             param.data = param.data.float()

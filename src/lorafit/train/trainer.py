@@ -51,6 +51,7 @@ CONFIG_FILE = "config.yaml"
 # What a run writes before its first checkpoint: a directory holding only these has nothing to resume.
 UNSAVED_RUN_FILES = (CONFIG_FILE, "metrics.jsonl", "tensorboard", CHECKPOINTS)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+INIT_BATCHES = 16  # micro-batches of training data for initialisations computed from data
 
 
 class TrainingInterrupted(TrainingError):
@@ -203,10 +204,16 @@ class Trainer:
         """The LoRA-wrapped model on this process's device; under FSDP built on the CPU in the
         dtype it would have on the device, then sharded there."""
         cfg = self.cfg
+        # the first micro-batches of epoch 0 as one process would see them (so every process
+        # computes the same factors and base), collated only if the init reads data (EVA, CorDA, LoRA-GA)
+        first = batch_plan(self.lengths, cfg.train.batch_size, cfg.data.shuffle_seed, 0, 0, 1,
+                           cfg.data.group_by_length)[:INIT_BATCHES]
+        init_batches = (self.objective.collate([self.train_set[i] for i in ids], self.train_set.pad_id)
+                        for ids in first)
         if self.group.mode != "fsdp":
-            return build_model(cfg, self.report.labels, self.device, self.train_set.pad_id)
+            return build_model(cfg, self.report.labels, self.device, self.train_set.pad_id, init_batches)
         on_cpu = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype=dtype_name(self.dtype)))
-        model = build_model(on_cpu, self.report.labels, torch.device("cpu"), self.train_set.pad_id)
+        model = build_model(on_cpu, self.report.labels, torch.device("cpu"), self.train_set.pad_id, init_batches)
         distributed.shard(model, self.group)
         return model
 
