@@ -42,6 +42,7 @@ def peft_fields_section() -> str:
     claimed = claimed_fields()
     modules = {s.field: s.find.__module__ for s in extensions().sources}
     modules.update({v.field: v.weights.__module__ for v in extensions().variants})
+    modules.update({r.field: r.rewrite.__module__ for r in extensions().rewrites})
     rows = ["| PEFT field | in lorafit | what it does |", "|---|---|---|"]
     for name in sorted(set(field_names()) | BOOKKEEPING | DROPPED):
         if name in FEATURES and name not in claimed:

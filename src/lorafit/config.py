@@ -90,7 +90,9 @@ class LoraConfig:
     replaced by a trained row V[k] (initialised to the old one); an output head tied to the
     embedding uses the same rows."""
     layer_replication: Optional[list[list[int]]] = None
-    """Build a deeper model from repeated layer ranges (PEFT): not implemented; must stay null."""
+    """A deeper model from the base's layers: ``[[0, 4], [2, 5]]`` makes layers [0..4] into
+    [0, 1, 2, 3, 2, 3, 4]; repeated layers share weights and get adapters of their own. It
+    rewrites the base, so such an adapter is refused in mixed batches, merges and lorafit serve."""
     alora_invocation_tokens: Optional[list[int]] = None
     """Activated LoRA (PEFT): not implemented; must stay null."""
     use_bdlora: Optional[dict[str, Any]] = None

@@ -32,7 +32,7 @@ from .config import LoraConfig
 from .errors import AdapterError, ConfigError, MergeError
 from .layers import LoraLayer, LoraWeights, ModulesToSave
 from .quant import dequantize_model
-from .registry import check_targets, find_kind, selected_variant, target_sources
+from .registry import check_targets, find_kind, rewrites_of, selected_variant, target_sources
 from .routing import Router, RowAdapters
 from .surgery import default_targets, find_modules_to_save, find_targets, replace_module, unwrapped
 
@@ -94,11 +94,17 @@ class LoraModel(nn.Module):
         config = copy.deepcopy(config)
         if config.target_modules is None:
             config.target_modules = default_targets(self.model)
-        targets = find_targets(self.model, config)
-        saved = find_modules_to_save(self.model, config.modules_to_save or [])
-        variant = selected_variant(config)
-        check_targets(config, [(name, unwrapped(module)) for name, module in targets])
-        others = [found for source in target_sources(config) for found in source.find(config, self.model)]
+        undo = [u for u in (r.rewrite(config, self.model) for r in rewrites_of(config)) if u is not None]
+        try:
+            targets = find_targets(self.model, config)
+            saved = find_modules_to_save(self.model, config.modules_to_save or [])
+            variant = selected_variant(config)
+            check_targets(config, [(name, unwrapped(module)) for name, module in targets])
+            others = [found for source in target_sources(config) for found in source.find(config, self.model)]
+        except Exception:
+            for step in reversed(undo):
+                step()
+            raise
         for name, module in targets:
             layer = module if isinstance(module, LoraLayer) else self._wrap_at(name, module)
             layer.create(adapter_name, config.rank_for(name), config.scaling_for(name),
@@ -215,6 +221,7 @@ class LoraModel(nn.Module):
         names = list(self._active if adapter_names is None else adapter_names)
         for name in names:
             self.check_adapter(name)
+            self._refuse_rewritten_base(name, "cannot be merged: its layers share their weights", MergeError)
         self._untie_merge_targets(names)
         if safe:
             for module_name, layer in self.lora_layers():
@@ -224,6 +231,12 @@ class LoraModel(nn.Module):
                                          "no weights were changed")
         for _, layer in self.lora_layers():
             layer.merge(names)
+
+    def _refuse_rewritten_base(self, name: str, why: str, error: type) -> None:
+        """`error` when adapter `name` rewrote the base's structure (`lorafit.registry.BaseRewrite`)."""
+        for rewrite in rewrites_of(self.peft_config[name]):
+            raise error(f"adapter {name!r} sets LoraConfig.{rewrite.field} = "
+                        f"{getattr(self.peft_config[name], rewrite.field)!r}, which {why}")
 
     def _untie_merge_targets(self, names: Sequence[str]) -> None:
         """Give a merge target whose weight is shared (e.g. input embeddings tied to the output
@@ -293,6 +306,9 @@ class LoraModel(nn.Module):
         for name in adapter_names:
             if name is not None:
                 self.check_adapter(name)
+        for name in self.peft_config:
+            self._refuse_rewritten_base(name, "changed the base model's layers, so the other rows of a mixed "
+                                              "batch would not run on their own base; run it alone", AdapterError)
         with self.router.using(rows=RowAdapters(adapter_names), disabled=False):
             yield
 

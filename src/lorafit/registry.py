@@ -13,7 +13,9 @@ Each extension is one record declared at module level beside its code, in a modu
   that need data or the whole config, the `LoraConfig` field of their settings and their
   preparation step (`lorafit.inits.prepare`);
 * `TargetSource` (any of them): a `LoraConfig` field naming targets other than modules, such as
-  ``target_parameters`` (``lorafit/kinds/parameter.py``), and how to find and wrap them.
+  ``target_parameters`` (``lorafit/kinds/parameter.py``), and how to find and wrap them;
+* `BaseRewrite` (any of them): a `LoraConfig` field that changes the base's structure before
+  targets are found (``layer_replication``, ``lorafit/kinds/replication.py``).
 
 Nothing registers itself: the first lookup imports every module of those packages and collects
 the records they define, so what is found never depends on import order, and adding an
@@ -139,17 +141,30 @@ class TargetSource:
 
 
 @dataclass(frozen=True)
+class BaseRewrite:
+    """A `LoraConfig` field whose value changes the base model's structure before targets are
+    found (PEFT's ``layer_replication``). ``rewrite(config, root)`` applies it and returns the
+    function that undoes it, or None when the model already has it; it raises ConfigError,
+    changing nothing, when it cannot. An adapter that sets the field only fits a rewritten base,
+    so it is refused in mixed batches and merges (`rewrites_of`)."""
+
+    field: str
+    rewrite: Callable[[Any, nn.Module], Optional[Callable[[], None]]]
+
+
+@dataclass(frozen=True)
 class Extensions:
     kinds: tuple[LayerKind, ...]
     variants: tuple[Variant, ...]
     inits: tuple[InitScheme, ...]
     sources: tuple[TargetSource, ...] = ()
+    rewrites: tuple[BaseRewrite, ...] = ()
 
 
 @functools.lru_cache(maxsize=None)
 def extensions() -> Extensions:
     """Every record defined by a module of `EXTENSION_PACKAGES` (imported on first call)."""
-    found: dict[type, list] = {LayerKind: [], Variant: [], InitScheme: [], TargetSource: []}
+    found: dict[type, list] = {LayerKind: [], Variant: [], InitScheme: [], TargetSource: [], BaseRewrite: []}
     for package_name in EXTENSION_PACKAGES:
         package = importlib.import_module(package_name)
         for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda i: i.name):
@@ -158,7 +173,8 @@ def extensions() -> Extensions:
                 if type(value) in found and value not in found[type(value)]:
                     found[type(value)].append(value)
     kinds = sorted(found[LayerKind], key=lambda k: -k.priority)
-    return Extensions(tuple(kinds), tuple(found[Variant]), tuple(found[InitScheme]), tuple(found[TargetSource]))
+    return Extensions(tuple(kinds), tuple(found[Variant]), tuple(found[InitScheme]), tuple(found[TargetSource]),
+                      tuple(found[BaseRewrite]))
 
 
 def find_kind(module: nn.Module) -> Optional[LayerKind]:
@@ -168,9 +184,14 @@ def find_kind(module: nn.Module) -> Optional[LayerKind]:
 
 def claimed_fields() -> set[str]:
     """The `LoraConfig` feature fields some extension implements (`lorafit.config.FEATURES`):
-    variants' selecting fields, init schemes' settings fields and target sources' fields."""
+    variants' selecting fields, init schemes' settings fields, target sources' and base rewrites' fields."""
     return ({v.field for v in extensions().variants} | {s.settings for s in extensions().inits if s.settings}
-            | {s.field for s in extensions().sources})
+            | {s.field for s in extensions().sources} | {r.field for r in extensions().rewrites})
+
+
+def rewrites_of(config: Any) -> list[BaseRewrite]:
+    """The base rewrites whose field `config` sets."""
+    return [r for r in extensions().rewrites if getattr(config, r.field, None)]
 
 
 def target_sources(config: Any) -> list[TargetSource]:

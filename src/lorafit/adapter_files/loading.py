@@ -20,7 +20,8 @@ from ..atomic import PathLike
 from ..config import LoraConfig
 from ..errors import AdapterError, AdapterFileError, ConfigError, TargetError
 from ..layers import LoraLayer, LoraWeights, ModulesToSave
-from ..registry import SourceTarget, Variant, check_targets, find_init, find_kind, selected_variant, target_sources
+from ..registry import (SourceTarget, Variant, check_targets, find_init, find_kind, rewrites_of, selected_variant,
+                        target_sources)
 from ..surgery import find_modules_to_save, find_targets, unwrapped
 from . import fingerprints as fp
 from .keys import PREFIX, split_lora_key, strip_prefix, tensor_keys
@@ -84,8 +85,23 @@ def load_adapter(model: "LoraModel", path: PathLike, adapter_name: str = "defaul
 
 
 def plan(root: nn.Module, adapter: AdapterDir, trainable: bool = False, strict: bool = False) -> Plan:
-    """Check `adapter` against the base model `root` (which may already hold lorafit layers)."""
+    """Check `adapter` against the base model `root` (which may already hold lorafit layers).
+    A config that rewrites the base's structure (``layer_replication``) is checked on the
+    rewritten model, which is put back as it was before returning."""
     config, extras = config_from_peft(adapter.config, where=str(adapter.config_file))
+    undo = []
+    try:
+        undo = [u for u in (r.rewrite(config, root) for r in rewrites_of(config)) if u is not None]
+        return _plan(root, adapter, config, extras, trainable, strict)
+    except ConfigError as exc:
+        raise AdapterFileError(f"{adapter.config_file}: {exc}") from None
+    finally:
+        for step in reversed(undo):
+            step()
+
+
+def _plan(root: nn.Module, adapter: AdapterDir, config: LoraConfig, extras: dict[str, Any], trainable: bool,
+          strict: bool) -> Plan:
     if config.target_modules is None:
         raise AdapterFileError(f"{adapter.config_file}: neither target_modules nor target_parameters is set")
     config = config.replace(inference_mode=not trainable,

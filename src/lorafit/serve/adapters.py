@@ -10,6 +10,7 @@ Every method except `names` and `path` changes the model, so only the engine thr
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import threading
@@ -18,7 +19,9 @@ from pathlib import Path
 
 from ..adapter_files import plan, read_adapter_dir
 from ..adapter_files.fingerprints import BaseModelMismatch
+from ..config import is_default
 from ..errors import AdapterError, AdapterFileError
+from ..registry import extensions
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +182,18 @@ class AdapterPool:
             self._unload(idle)
 
     def _load(self, name: str, path: Path) -> None:
-        """Load the adapter; any failure leaves the model as it was and is an `AdapterFileError`."""
+        """Load the adapter; any failure leaves the model as it was and is an `AdapterFileError`.
+        An adapter that rewrites the base's structure (``layer_replication``) is refused by name:
+        every adapter of a server runs on one shared base."""
+        try:
+            config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            config = {}  # the load below names what is wrong with the file
+        for rewrite in extensions().rewrites:
+            if isinstance(config, dict) and not is_default(config.get(rewrite.field)):
+                raise AdapterFileError(f"adapter {name!r} sets {rewrite.field} = {config[rewrite.field]!r}, which "
+                                       "changes the base model's layers; lorafit serve runs all adapters on one "
+                                       "shared base and refuses it (load it alone with lorafit.load)")
         try:
             self._model.load_adapter(str(path), adapter_name=name, strict=not self.allow_base_mismatch)
         except Exception as exc:
