@@ -14,6 +14,7 @@ import lorafit
 from lorafit import ConfigError, LoraConfig
 from lorafit.adapter_files.report import describe_adapter, format_report
 from lorafit.inits import prepare
+from lorafit.inits.conversion import plain_lora_config, plain_lora_factors, snapshot_factors
 
 from init_data import TARGETS, token_batches
 
@@ -71,3 +72,23 @@ def test_prepare_on_a_lora_model_runs_the_base_and_adds_an_adapter(base):
     model.add_adapter("eva", config)
     assert model.peft_config["eva"].init_lora_weights == "eva"
     assert not model.model.model.layers[0].self_attn.o_proj.lora["eva"].B.any()
+
+
+def test_lora_ga_adapter_converts_to_a_plain_lora_for_the_original_base(base):
+    """W_res = W − s·B₀A₀, so ΔW = s(BA − B₀A₀) on the original W is the trained layer."""
+    original = copy.deepcopy(base)
+    batches = token_batches()
+    config = prepare(base, LoraConfig(r=4, target_modules=TARGETS, init_lora_weights="lora_ga"), batches)
+    model = lorafit.wrap(base, config)
+    initial = snapshot_factors(model)
+    with torch.no_grad():
+        for _, layer in model.lora_layers():
+            layer.lora["default"].A.add_(0.01 * torch.randn_like(layer.lora["default"].A))  # "training"
+    plain = lorafit.wrap(original, plain_lora_config(config).replace(init_lora_weights=False))
+    factors = plain_lora_factors(model, "default", initial)
+    with torch.no_grad():
+        for path, layer in plain.lora_layers():
+            layer.lora["default"].A.copy_(factors[path][0])
+            layer.lora["default"].B.copy_(factors[path][1])
+        ids = batches[0]["input_ids"]
+        torch.testing.assert_close(plain(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
