@@ -158,9 +158,9 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def collect_inputs(preparation: Preparation, on_input: Callable[[str, Tensor, Any], None], what: str) -> int:
+def collect_inputs(preparation: Preparation, on_input: Callable[[str, Tensor, Any], None], what: str) -> None:
     """Run every batch through the model in eval mode without gradients, the adapters off,
-    calling ``on_input(path, x, batch)`` with each target's input; returns the number of batches."""
+    calling ``on_input(path, x, batch)`` with each target's input (x as the module receives it)."""
     model = preparation.model
     current: list[Any] = [None]
 
@@ -171,18 +171,15 @@ def collect_inputs(preparation: Preparation, on_input: Callable[[str, Tensor, An
     handles = [root.get_submodule(path).register_forward_hook(hook_for(path)) for path, _ in preparation.targets]
     was_training = model.training
     model.eval()
-    count = 0
     try:
         with preparation.adapters_off(), torch.no_grad():
             for batch in preparation.each_batch(what):
                 current[0] = batch
                 preparation.run(model, batch)
-                count += 1
     finally:
         model.train(was_training)
         for handle in handles:
             handle.remove()
-    return count
 
 
 def keep_all(preparation: Preparation, factors: Callable[[str, nn.Module], Prepared]) -> LoraConfig:
