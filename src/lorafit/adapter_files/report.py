@@ -12,6 +12,7 @@ from ..combine import METADATA_KEY as COMBINED_KEY
 from ..config import LoraConfig
 from ..errors import ConfigError
 from ..registry import find_init
+from ..surgery import has_suffix
 from .fingerprints import describe
 from .keys import split_lora_key, strip_prefix
 from .peft_config import config_from_peft
@@ -88,13 +89,25 @@ def _shape_checks(adapter: AdapterDir, config: LoraConfig,
               for module, pair in sorted(factors.items()) if len(pair) != 2]
     origin = ("the file was saved this way: its checksum matches" if META_CHECKSUM in adapter.metadata
               else "no checksum recorded")
-    problems = shape_problems(adapter, config.rank_for)
+    problems = shape_problems(adapter, lambda module: _stacked_rank(config, factors, module))
     checks += [(False, f"{problem}; {origin}") for problem in problems]
     if not problems:
         sizes = ("and the base weight shapes recorded in the fingerprint" if (adapter.fingerprint or {}).get("weights")
                  else "(in/out sizes unchecked: no base fingerprint recorded)")
         checks.append((True, f"every LoRA factor has the rank the config gives its module, {sizes}"))
     return checks
+
+
+def _stacked_rank(config: LoraConfig, factors: dict[str, dict[str, tuple[str, Any]]], module: str) -> int:
+    """The rank the config gives `module`: r, or r·E on a target_parameters target holding E
+    stacked experts (``experts`` or ``experts.base_layer``; E read from A's rows, a multiple of r)."""
+    r = config.rank_for(module)
+    owner = module
+    while owner.endswith(".base_layer"):
+        owner = owner.removesuffix(".base_layer")
+    targets = [entry.rpartition(".")[0] for entry in config.target_parameters or []]
+    rows = factors[module]["A"][1].shape[0] if "A" in factors.get(module, {}) else r
+    return rows if has_suffix(owner, targets) and rows % r == 0 else r
 
 
 def _file_checks(adapter: AdapterDir) -> list[tuple[bool, str]]:
@@ -127,6 +140,9 @@ def format_report(report: dict[str, Any]) -> str:
             f"{name} x{count}" for name, count in report["module_counts"].items())),
         ("ranks", ", ".join(f"r={r} on {n} modules" for r, n in report["ranks"].items()) or "(none)"),
         ("modules_to_save", config["modules_to_save"]),
+        ("target_parameters", config["target_parameters"]),
+        ("trainable_token_indices", config["trainable_token_indices"]),
+        ("layer_replication", config["layer_replication"]),
         ("parameters", f"{params['total']:,} ({params['lora']:,} in LoRA factors, {params['other']:,} in "
                        f"modules_to_save/biases/embeddings)"),
         ("dtype", ", ".join(report["dtypes"])),

@@ -16,10 +16,12 @@ def param_groups(model: LoraModel, cfg: TrainConfig) -> list[dict]:
 
     Without LoRA+ there is one group at ``cfg.lr``. With ``loraplus_lr_ratio`` the B factors of
     the LoRA layers get their own group at ``lr * ratio`` (Hayou et al. 2024, "LoRA+", §3: B
-    learns faster than A). Each group lists its parameter ``names``, which checkpoints use to
-    check that the state they restore belongs to the same parameters.
+    learns faster than A; trained token rows, which have no B, stay at ``cfg.lr``). Each group
+    lists its parameter ``names``, which checkpoints use to check that the state they restore
+    belongs to the same parameters.
     """
-    b_factors = {id(weights.B) for _, layer in model.lora_layers() for weights in layer.lora.values()}
+    b_factors = {id(weights.B) for _, layer in model.lora_layers() for weights in layer.lora.values()
+                 if hasattr(weights, "B")}
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     split = cfg.loraplus_lr_ratio is not None
     groups = [(cfg.lr, [(n, p) for n, p in trainable if not (split and id(p) in b_factors)])]

@@ -1,0 +1,58 @@
+"""target_parameters and trainable_token_indices through `lorafit train` (config keys, resume
+bit-exact) and `lorafit inspect`, on a tiny Mixtral saved with its tokenizer."""
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import MixtralConfig, MixtralForCausalLM
+
+from lorafit.testing import build_tokenizer, DEFAULT_TEXTS
+from lorafit.train.checkpoints import list_checkpoints
+from lorafit.train.config import run_config
+from lorafit.train.trainer import resume, train
+
+EXPERTS = ["experts.gate_up_proj", "experts.down_proj"]
+
+
+@pytest.fixture(scope="module")
+def mixtral_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("mixtral")
+    tokenizer = build_tokenizer(DEFAULT_TEXTS)
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(MixtralConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, num_local_experts=3, num_experts_per_tok=2,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def moe_config(tiny_config, mixtral_dir, out_dir, **train_keys):
+    data = tiny_config(out_dir, model={"name_or_path": str(mixtral_dir)},
+                       lora={"r": 2, "lora_dropout": 0.0, "target_modules": ["q_proj"], "target_parameters": EXPERTS,
+                             "trainable_token_indices": [3, 5]},
+                       train={"max_steps": 4, "save_every": 1, "keep_last": 10, **train_keys})
+    return run_config(data)
+
+
+def test_train_resume_and_inspect(tmp_path, tiny_config, mixtral_dir, cli):
+    full = tmp_path / "full"
+    train(moe_config(tiny_config, mixtral_dir, full))
+    tensors = load_file(full / "adapter" / "adapter_model.safetensors")
+    assert "base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.weight" in tensors
+    assert "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta" in tensors
+    part = tmp_path / "part"
+    shutil.copytree(full, part)
+    for step, path in list_checkpoints(part):
+        if step > 2:
+            shutil.rmtree(path)
+    shutil.rmtree(part / "adapter")
+    (part / "summary.json").unlink()
+    resume(part)
+    resumed = load_file(part / "adapter" / "adapter_model.safetensors")
+    assert resumed.keys() == tensors.keys() and all(torch.equal(resumed[k], tensors[k]) for k in tensors)
+    shown = cli("inspect", str(full / "adapter")).stdout
+    assert "experts.gate_up_proj" in shown and "trainable_token_indices" in shown
