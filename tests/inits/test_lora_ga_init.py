@@ -77,5 +77,5 @@ def test_lora_ga_refusals(base):
         prepare(base, LoraConfig(r=20, target_modules=TARGETS, init_lora_weights="lora_ga"), token_batches())
     with pytest.raises(ConfigError, match=r"lora_ga_config\.direction"):
         LoraConfig(init_lora_weights="lora_ga", lora_ga_config={"direction": "BA"})
-    with pytest.raises(ConfigError, match="call config = lorafit.inits.prepare"):
+    with pytest.raises(ConfigError, match="none were computed for 'model.layers.0.self_attn.q_proj': call config"):
         lorafit.wrap(base, LoraConfig(r=4, target_modules=TARGETS, init_lora_weights="lora_ga"))

@@ -14,6 +14,7 @@ import lorafit
 from lorafit import ConfigError, LoraConfig
 from lorafit.adapter_files.report import describe_adapter, format_report
 from lorafit.inits import prepare
+from lorafit.layers import LoraLayer
 from lorafit.inits.conversion import plain_lora_config, plain_lora_factors, snapshot_factors
 
 from init_data import TARGETS, token_batches
@@ -53,12 +54,14 @@ def test_peft_eva_adapter_loads_with_its_settings(base, tmp_path):
                                    theirs(input_ids=batch["input_ids"]).logits)
 
 
-def test_wrap_refuses_a_config_other_than_the_prepared_one(base):
+def test_wrap_refuses_a_config_other_than_the_prepared_one_before_changing_the_model(base):
     config = LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="loftq")
     prepare(base, config)
     with pytest.raises(ConfigError, match=r"'model.layers.0.self_attn.q_proj' was prepared for rank 4 and scale 2, "
-                                          r"but the adapter has rank 2 and scale 1"):
+                                          r"but the config gives rank 2 and scale 1"):
         lorafit.wrap(base, config.replace(r=2, lora_alpha=2))
+    assert not any(isinstance(m, LoraLayer) for m in base.modules())  # refused before any module changed
+    lorafit.wrap(base, config)  # the prepared factors are still there for the right config
 
 
 def test_prepare_on_a_lora_model_runs_the_base_and_adds_an_adapter(base):

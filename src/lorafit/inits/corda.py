@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from ..config import LoraConfig
 from ..errors import ConfigError
 from ..registry import InitScheme
-from .prepared import Preparation, Prepared, collect_inputs, keep_all, out_in, take
+from .prepared import Preparation, Prepared, after_prepare, collect_inputs, keep_all, out_in, take
 from .svd_base import check_decomposable
 
 
@@ -104,5 +104,5 @@ def prepare_corda(preparation: Preparation) -> LoraConfig:
     return keep_all(preparation, factors)
 
 
-CORDA = InitScheme("corda", take, spelling="'corda'", check_target=check_decomposable, rewrites_base=True,
-                   settings="corda_config", settings_type=CordaConfig, prepare=prepare_corda)
+CORDA = InitScheme("corda", take, spelling="'corda'", check_target=after_prepare(check_decomposable),
+                   rewrites_base=True, settings="corda_config", settings_type=CordaConfig, prepare=prepare_corda)

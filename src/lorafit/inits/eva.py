@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from ..config import LoraConfig
 from ..errors import ConfigError
 from ..registry import InitScheme, find_kind
-from .prepared import Preparation, Prepared, collect_inputs, keep, out_features, take
+from .prepared import Preparation, Prepared, after_prepare, collect_inputs, keep, out_features, take
 
 
 @dataclass
@@ -141,5 +141,5 @@ def check_target(config, name: str, module: nn.Module) -> None:
                           f"({type(module).__name__}): only linear layers are supported")
 
 
-EVA = InitScheme("eva", take, spelling="'eva'", check_target=check_target, settings="eva_config",
+EVA = InitScheme("eva", take, spelling="'eva'", check_target=after_prepare(check_target), settings="eva_config",
                  settings_type=EvaConfig, prepare=prepare_eva)

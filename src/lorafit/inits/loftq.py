@@ -28,7 +28,7 @@ from torch import Tensor
 from ..config import LoraConfig
 from ..errors import ConfigError
 from ..registry import InitScheme
-from .prepared import Preparation, Prepared, keep_all, out_in, take
+from .prepared import Preparation, Prepared, after_prepare, keep_all, out_in, take
 from .svd_base import check_decomposable
 
 NF4_BLOCKSIZE = 64
@@ -89,5 +89,5 @@ def prepare_loftq(preparation: Preparation) -> LoraConfig:
     return keep_all(preparation, factors)
 
 
-LOFTQ = InitScheme("loftq", take, spelling="'loftq'", check_target=check_decomposable, rewrites_base=True,
-                   settings="loftq_config", settings_type=LoftQConfig, prepare=prepare_loftq)
+LOFTQ = InitScheme("loftq", take, spelling="'loftq'", check_target=after_prepare(check_decomposable),
+                   rewrites_base=True, settings="loftq_config", settings_type=LoftQConfig, prepare=prepare_loftq)

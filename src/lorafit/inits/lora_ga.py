@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from ..config import LoraConfig
 from ..errors import ConfigError
 from ..registry import InitScheme
-from .prepared import Preparation, Prepared, keep_all, out_in, take
+from .prepared import Preparation, Prepared, after_prepare, keep_all, out_in, take
 from .svd_base import check_decomposable
 
 
@@ -124,5 +124,6 @@ def check_target(config, name: str, module: nn.Module) -> None:
                           f"singular vectors of the gradient, more than min(out, in) = {min(module.weight.shape)}")
 
 
-LORA_GA = InitScheme("lora_ga", take, spelling="'lora_ga'", check_target=check_target, rewrites_base=True,
-                     settings="lora_ga_config", settings_type=LoraGAConfig, prepare=prepare_lora_ga)
+LORA_GA = InitScheme("lora_ga", take, spelling="'lora_ga'", check_target=after_prepare(check_target),
+                     rewrites_base=True, settings="lora_ga_config", settings_type=LoraGAConfig,
+                     prepare=prepare_lora_ga)

@@ -20,6 +20,7 @@ and lets one data set prepare several configs.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
@@ -30,7 +31,7 @@ from torch import Tensor, nn
 from ..config import LoraConfig
 from ..errors import ConfigError
 from ..layers import LoraLayer, LoraWeights, base_model_of
-from ..registry import check_targets, find_init, find_kind
+from ..registry import TargetCheck, check_targets, find_init, find_kind
 from ..surgery import default_targets, find_targets, unwrapped
 
 Run = Callable[[nn.Module, Any], Any]
@@ -76,6 +77,7 @@ class Preparation:
 
 
 _PENDING: "weakref.WeakKeyDictionary[nn.Module, Prepared]" = weakref.WeakKeyDictionary()
+_PREPARING: contextvars.ContextVar[bool] = contextvars.ContextVar("lorafit_preparing", default=False)
 
 
 def prepare(model: nn.Module, config: LoraConfig, batches: Optional[Iterable[Any]] = None,
@@ -96,7 +98,11 @@ def prepare(model: nn.Module, config: LoraConfig, batches: Optional[Iterable[Any
     if config.target_modules is None:
         config = config.replace(target_modules=default_targets(root))
     targets = [(path, unwrapped(module)) for path, module in find_targets(root, config)]
-    check_targets(config, targets)
+    token = _PREPARING.set(True)
+    try:
+        check_targets(config, targets)
+    finally:
+        _PREPARING.reset(token)
     router = getattr(model, "router", None) if root is not model else None
     preparation = Preparation(
         model=model, config=config, targets=targets, settings=scheme.parse_settings(config), batches=batches,
@@ -110,21 +116,35 @@ def keep(prepared: Prepared, base: nn.Module) -> None:
     _PENDING[base] = prepared
 
 
+def after_prepare(check: Optional[TargetCheck]) -> TargetCheck:
+    """The target check of a prepared scheme: `check` (the scheme's own), then, unless `prepare`
+    itself is checking, that this module's factors were prepared for the rank and scale the
+    config gives it. `wrap` runs it on every target before replacing any module, so a config
+    that was not prepared (or not the one `prepare` returned) leaves the model as it was."""
+
+    def checked(config, name: str, module: nn.Module) -> None:
+        if check is not None:
+            check(config, name, module)
+        if _PREPARING.get():
+            return
+        prepared = _PENDING.get(module)
+        if prepared is None:
+            raise ConfigError(f"LoraConfig.init_lora_weights = {config.init_lora_weights!r} computes the factors "
+                              f"before wrap, and none were computed for {name!r}: call config = "
+                              f"lorafit.inits.prepare(model, config, batches) on this model first")
+        r, s = config.rank_for(name), config.scaling_for(name)
+        if prepared.A.shape[0] != r or abs(prepared.scaling - s) > 1e-12 * abs(s):
+            raise ConfigError(f"{name!r} was prepared for rank {prepared.A.shape[0]} and scale "
+                              f"{prepared.scaling:g}, but the config gives rank {r} and scale {s:g}: wrap with "
+                              f"the config lorafit.inits.prepare returned")
+
+    return checked
+
+
 def take(layer: LoraLayer, w: LoraWeights, value: Any) -> None:
     """The init of every prepared scheme: copy the factors `prepare` computed for this base
-    module (and its new base weight). ConfigError when nothing was prepared for it, or when it
-    was prepared for another rank or scale than the adapter being created."""
-    prepared = _PENDING.get(layer.base_layer)
-    base = layer.base_layer
-    if prepared is None:
-        raise ConfigError(f"LoraConfig.init_lora_weights = {value!r} computes the factors before wrap: call "
-                          f"config = lorafit.inits.prepare(model, config, batches) first (nothing was prepared "
-                          f"for this {type(base).__name__} with weight {tuple(base.weight.shape)})")
-    if tuple(prepared.A.shape) != tuple(w.A.shape) or abs(prepared.scaling - w.scaling) > 1e-12 * abs(w.scaling):
-        raise ConfigError(f"{prepared.path!r} was prepared for rank {prepared.A.shape[0]} and scale "
-                          f"{prepared.scaling:g}, but the adapter has rank {w.rank} and scale {w.scaling:g}: wrap "
-                          f"with the config lorafit.inits.prepare returned")
-    del _PENDING[base]
+    module (and its new base weight); `after_prepare` checked they exist and fit."""
+    prepared = _PENDING.pop(layer.base_layer)
     with torch.no_grad():
         w.A.copy_(prepared.A)
         w.B.copy_(prepared.B)
