@@ -19,7 +19,8 @@ Cases (each worker's docstring has the details):
 * ``sft``: end-to-end supervised fine-tuning, ``lorafit.train`` vs TRL's SFTTrainer + PEFT
   (skipped when the data file is absent);
 * ``dpo``: one DPO epoch end to end, ``lorafit.train`` vs TRL's DPOTrainer + PEFT (bench/dpo.py;
-  skipped when the data file is absent).
+  skipped when the data file is absent);
+* ``moe``: a train step of a Mixtral with LoRA on its 3-D expert weights (``target_parameters``).
 
 The model is a randomly initialised Llama (`lorafit.testing.tiny_llama`) whose shape `--size`
 picks; it runs on CUDA when a GPU is present, else on the CPU, in fp32. "base" is always the plain
@@ -51,6 +52,7 @@ RESULTS = HERE / "results.json"
 README = ROOT / "README.md"
 TABLE_START, TABLE_END = "<!-- bench:start -->", "<!-- bench:end -->"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+MOE_TARGETS = ["experts.gate_up_proj", "experts.down_proj"]
 
 SIZES = {
     # the issue's tiny-but-real Llama: 6 layers, hidden 512, vocab 8000, batch 4 x 256
@@ -415,6 +417,40 @@ def worker_dpo(side, size, workdir):
     return {**facts, "peak_total_mb": memory.above_start_mb}
 
 
+def worker_moe(side, size, workdir):
+    """Case moe: a training step (forward, ``model(labels=)`` loss, backward, AdamW) on a
+    randomly initialised Mixtral of the size's shape (4 experts, top 2) with LoRA r=16, alpha=32
+    on its 3-D expert weights (``target_parameters``: ``experts.gate_up_proj`` and
+    ``experts.down_proj``), in each library; both through the same loss call."""
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    s, device = SIZES[size], _device()
+    memory = PeakMemory(device)
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["intermediate"] // 4,
+                           num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+                           num_key_value_heads=s["heads"], num_local_experts=4, num_experts_per_tok=2)
+    model = MixtralForCausalLM(config).to(device=device, dtype=torch.float32)
+    kwargs = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_parameters=MOE_TARGETS)
+    if side == "peft":
+        import peft
+
+        wrapped = peft.get_peft_model(model, peft.LoraConfig(**kwargs))
+    else:
+        import lorafit
+
+        wrapped = lorafit.wrap(model, lorafit.LoraConfig(**kwargs))
+    wrapped.train()
+    ids = _token_batch(s, s["batch"], s["seq"], device)
+    step = _train_step(side, wrapped, ids, device, torch.float32, loss_path="labels")
+    with memory:
+        step()  # warm-up (allocator, optimizer state)
+        seconds = _timed(step, s["steps"], device)
+    return {"step_s": seconds, "tokens_per_s": s["batch"] * s["seq"] / seconds,
+            "peak_mem_mb": memory.above_window_mb}
+
+
 @dataclass(frozen=True)
 class Case:
     worker: Callable[[str, str, Optional[str]], dict]
@@ -431,6 +467,7 @@ CASES = {
     "qlora": Case(worker_qlora),
     "sft": Case(worker_sft, repeats_key="sft_repeats"),
     "dpo": Case(worker_dpo, repeats_key="sft_repeats"),
+    "moe": Case(worker_moe),
 }
 SIDES = ("peft", "lorafit")
 
@@ -616,6 +653,8 @@ ROWS = [
     Row("QLoRA nf4: peak memory, model + training (MB)", _get("qlora", "peak_total_mb")),
     Row("QLoRA nf4: peak memory / fp32 base",
         lambda c, side: c["qlora"][side]["peak_total_mb"] / c["train"][side]["peak_total_mb"]),
+    Row("MoE (Mixtral, LoRA on the expert weights) train step (s)", _get("moe", "step_s")),
+    Row("MoE train step: peak memory above the model (MB)", _get("moe", "peak_mem_mb")),
     Row("adapter save (s)", _get("merge", "save_s")),
     Row("adapter load (s)", _get("merge", "load_s")),
     Row("merge_and_unload (s)", _get("merge", "merge_s")),

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-CASES = {"train", "train_bf16", "step_labels", "step_labels_autocast", "infer", "merge", "qlora", "sft", "dpo"}
+CASES = {"train", "train_bf16", "step_labels", "step_labels_autocast", "infer", "merge", "qlora", "sft", "dpo", "moe"}
 
 
 @pytest.mark.slow
