@@ -90,3 +90,20 @@ def tiny_causal_lm_dir(path, texts: Iterable[str] = DEFAULT_TEXTS, vocab_size: i
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def tiny_moe_dir(path, texts: Iterable[str] = DEFAULT_TEXTS, experts: int = 3, seed: int = 0):
+    """Save a tiny random Mixtral (`experts` experts, top 2, weights as 3-D parameters) and its
+    tokenizer to `path` and return it."""
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    tokenizer = build_tokenizer(texts)
+    torch.manual_seed(seed)
+    model = MixtralForCausalLM(MixtralConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, num_local_experts=experts, num_experts_per_tok=2,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

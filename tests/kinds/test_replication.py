@@ -42,6 +42,8 @@ def test_files_and_logits_match_peft_both_ways(tmp_path):
     ours.save_adapter(tmp_path / "ours")
     assert sorted(load_file(tmp_path / "ours" / "adapter_model.safetensors")) == \
         sorted(load_file(tmp_path / "peft" / "adapter_model.safetensors"))
+    strict = lorafit.load(copy.deepcopy(plain), tmp_path / "ours", strict=True)  # fingerprint matches
+    torch.testing.assert_close(strict(input_ids=IDS).logits, expected, atol=1e-5, rtol=0)
     back = PeftModel.from_pretrained(copy.deepcopy(plain), tmp_path / "ours")
     torch.testing.assert_close(back(input_ids=IDS).logits, expected, atol=1e-5, rtol=0)
 

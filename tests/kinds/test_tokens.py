@@ -54,6 +54,8 @@ def test_files_and_logits_match_peft_both_ways(tmp_path, tie, kwargs):
     assert saved == sorted(load_file(tmp_path / "peft" / "adapter_model.safetensors"))
     # tied: only the embedding's rows are stored; untied: each module's own
     assert sum("trainable_tokens_delta" in k for k in saved) == (1 if tie else 2)
+    strict = lorafit.load(copy.deepcopy(base), tmp_path / "ours", strict=True)  # fingerprint matches
+    torch.testing.assert_close(strict(input_ids=IDS).logits, expected, atol=1e-5, rtol=0)
     back = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
     torch.testing.assert_close(back(input_ids=IDS).logits, expected, atol=1e-5, rtol=0)
 

@@ -6,9 +6,8 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import MixtralConfig, MixtralForCausalLM
 
-from lorafit.testing import build_tokenizer, DEFAULT_TEXTS
+from lorafit.testing import tiny_moe_dir
 from lorafit.train.checkpoints import list_checkpoints
 from lorafit.train.config import run_config
 from lorafit.train.trainer import resume, train
@@ -18,16 +17,7 @@ EXPERTS = ["experts.gate_up_proj", "experts.down_proj"]
 
 @pytest.fixture(scope="module")
 def mixtral_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("mixtral")
-    tokenizer = build_tokenizer(DEFAULT_TEXTS)
-    torch.manual_seed(0)
-    model = MixtralForCausalLM(MixtralConfig(
-        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=8, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=8, num_local_experts=3, num_experts_per_tok=2,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return tiny_moe_dir(tmp_path_factory.mktemp("mixtral"))
 
 
 def moe_config(tiny_config, mixtral_dir, out_dir, **train_keys):

@@ -20,6 +20,7 @@ from torch import Tensor
 from ..atomic import PathLike, atomic_write_files
 from ..errors import AdapterError, AdapterFileError
 from ..kinds.parameter import LoraParameter
+from ..kinds.tokens import LoraTokens
 from ..layers import ModulesToSave
 from ..quant import describe_quantization, float_dtype
 from ..version import __version__
@@ -121,7 +122,7 @@ def _adapter_tensors(model: "LoraModel", name: str) -> tuple[dict[str, Tensor], 
     for path, layer in model.lora_layers():
         if name not in layer.lora:
             continue
-        if not isinstance(layer, LoraParameter):  # the fingerprint covers module targets
+        if not isinstance(layer, (LoraParameter, LoraTokens)):  # the fingerprint covers target_modules' targets
             paths.append(path)
         weights = layer.lora[name]
         names = tensor_keys(layer, type(weights))
