@@ -150,8 +150,9 @@ def format_report(report: dict[str, Any]) -> str:
         ("metadata", json.dumps(report["metadata"]) if report["metadata"] else None),
         ("other adapters", ", ".join(report["subfolder_adapters"]) or None),
     ]
+    rows = [(label, value) for label, value in rows if value is not None]
     width = max(len(label) for label, _ in rows)
-    lines = [f"{label:<{width}}  {value}" for label, value in rows if value is not None]
+    lines = [f"{label:<{width}}  {value}" for label, value in rows]
     lines.append("checks")
     lines += [f"  {'ok  ' if ok else 'FAIL'}  {text}" for ok, text in report["checks"]]
     return "\n".join(lines)
