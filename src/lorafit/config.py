@@ -93,6 +93,11 @@ class LoraConfig:
     """A deeper model from the base's layers: ``[[0, 4], [2, 5]]`` makes layers [0..4] into
     [0, 1, 2, 3, 2, 3, 4]; repeated layers share weights and get adapters of their own. It
     rewrites the base, so such an adapter is refused in mixed batches, merges and lorafit serve."""
+    ensure_weight_tying: bool = False
+    """Keep tied input/output embeddings tied in the adapter (PEFT). lorafit ties trainable token
+    rows of a tied head to the embedding's whenever their indices agree; with this flag,
+    different indices for the two are an error. LoRA layers or modules_to_save copies on a tied
+    embedding are not tied by lorafit, so the flag is refused with them."""
     alora_invocation_tokens: Optional[list[int]] = None
     """Activated LoRA (PEFT): not implemented; must stay null."""
     use_bdlora: Optional[dict[str, Any]] = None
@@ -127,7 +132,7 @@ class LoraConfig:
         find_init(self.init_lora_weights)
         _check_features(self)
         check_init_settings(self)
-        for flag in ("fan_in_fan_out", "use_rslora", "use_dora", "lora_bias", "inference_mode"):
+        for flag in ("fan_in_fan_out", "use_rslora", "use_dora", "lora_bias", "inference_mode", "ensure_weight_tying"):
             _require(isinstance(getattr(self, flag), bool), flag, getattr(self, flag), "true or false")
         selected_variant(self)
         if self.target_parameters is not None:
@@ -218,6 +223,7 @@ FEATURES = {
     "use_dora": "DoRA", "lora_bias": "a trainable bias on lora_B",
     "use_qalora": "QA-LoRA (input pooling for quantised bases)",
     "target_parameters": "LoRA on bare nn.Parameters (e.g. MoE experts)",
+    "ensure_weight_tying": "adapters on tied embeddings kept tied",
     "trainable_token_indices": "trainable token embeddings",
     "layer_replication": "layer replication (a deeper model built from shared layers)",
     "alora_invocation_tokens": "Activated LoRA (aLoRA)", "use_bdlora": "block-diagonal LoRA",

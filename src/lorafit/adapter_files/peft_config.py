@@ -27,7 +27,7 @@ PEFT_TYPE = "LORA"
 # Keys that do not change the loaded adapter's outputs: kept on round trip, not reported.
 BOOKKEEPING = {
     "peft_version", "auto_mapping", "revision", "megatron_config", "megatron_core", "qalora_group_size",
-    "velora_config", "ensure_weight_tying",
+    "velora_config",
 }
 # Runtime-only settings PEFT itself drops when loading.
 DROPPED = {"peft_type", "runtime_config"}

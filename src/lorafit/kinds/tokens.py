@@ -18,6 +18,7 @@ the embedding's rows are saved (PEFT's layout: ``<embedding>.token_adapter.train
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Optional
 
 import torch
@@ -134,6 +135,11 @@ def find_token_targets(config, root: nn.Module) -> list[SourceTarget]:
                               f"token ids in [0, {vocab})")
         chosen[path] = (module, base, list(indices))
     tied = _tied_heads(root, modules, embedding_path)
+    if config.ensure_weight_tying and embedding_path in chosen:
+        clash = [p for p in tied if p in chosen and chosen[p][2] != chosen[embedding_path][2]]
+        if clash:
+            raise ConfigError(f"LoraConfig.ensure_weight_tying = True, but trainable_token_indices gives the tied "
+                              f"modules {embedding_path!r} and {clash[0]!r} different indices; use the same ones")
     for path, (module, base, indices) in chosen.items():
         if path in tied and embedding_path in chosen and chosen[embedding_path][2] == indices:
             continue  # tied to the embedding's rows below
@@ -148,6 +154,26 @@ def find_token_targets(config, root: nn.Module) -> list[SourceTarget]:
                 add = functools.partial(_add_tied, indices=indices, root=root, source_path=embedding_path)
                 targets.append(SourceTarget(path, path, make, add, {}, {}))
     return targets
+
+
+def check_weight_tying(config, root: nn.Module) -> list[SourceTarget]:
+    """``ensure_weight_tying``: trainable token rows are tied by `find_token_targets`; LoRA layers
+    and modules_to_save copies on a tied embedding or head are refused (lorafit does not tie
+    them, PEFT does). Warns, as PEFT, when the model has no tied embeddings. Adds no target."""
+    embedding_path = _input_embedding_path(root)
+    modules = dict(walk(root))
+    tied = _tied_heads(root, modules, embedding_path)
+    if not tied:
+        warnings.warn("LoraConfig.ensure_weight_tying = True, but the model has no tied embeddings")
+        return []
+    on_tied = [embedding_path, *tied]
+    targeted = module_target_paths(root, config) | {p for p in on_tied if has_suffix(p, config.modules_to_save or [])}
+    clash = [p for p in on_tied if p in targeted]
+    if clash:
+        raise ConfigError(f"LoraConfig.ensure_weight_tying = True with {clash[0]!r} in target_modules or "
+                          "modules_to_save: lorafit does not tie LoRA layers or module copies on tied embeddings "
+                          "(only trainable_token_indices rows)")
+    return []
 
 
 def _add(layer: LoraTokens, name: str, indices: list[int]) -> None:
@@ -178,3 +204,4 @@ def _tied_heads(root: nn.Module, modules: dict, embedding_path: Optional[str]) -
 
 
 TOKENS = TargetSource("trainable_token_indices", find_token_targets)
+TYING = TargetSource("ensure_weight_tying", check_weight_tying)
