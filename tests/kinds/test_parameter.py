@@ -51,10 +51,13 @@ def randomise(model):
                 param.normal_(std=0.3)
 
 
-@pytest.mark.parametrize("factory", [tiny_mixtral, tiny_qwen3_moe, tiny_gpt_oss])
-def test_files_and_logits_match_peft_both_ways(tmp_path, factory):
+@pytest.mark.parametrize("factory, patterns", [
+    (tiny_mixtral, {}), (tiny_qwen3_moe, {}), (tiny_gpt_oss, {}),
+    (tiny_mixtral, dict(rank_pattern={"down_proj": 3}, alpha_pattern={"gate_up_proj": 5})),
+])
+def test_files_and_logits_match_peft_both_ways(tmp_path, factory, patterns):
     base = factory()
-    peft_model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, target_parameters=EXPERTS))
+    peft_model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2, target_parameters=EXPERTS, **patterns))
     randomise(peft_model)
     peft_model.save_pretrained(tmp_path / "peft")
     expected = peft_model(input_ids=IDS).logits

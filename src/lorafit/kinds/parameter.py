@@ -187,9 +187,10 @@ def find_parameter_targets(config, root: nn.Module) -> list[SourceTarget]:
                                   f"expected a 2-D [out, in] or 3-D [experts, out, in] parameter")
             layer_path = path + ".base_layer" * (len(names) - 1 - i)
             probe = chain[i] if chain else LoraParameter(base, name)  # for the shapes; not placed
-            r = config.rank_for(layer_path)
+            key = f"{path}.{name}"  # rank_pattern / alpha_pattern match the parameter's name, as in PEFT
+            r = config.rank_for(key)
             a_shape, b_shape = probe.factor_shapes(r)
-            add = functools.partial(_add, r=r, scaling=config.scaling_for(layer_path), init=config.init_lora_weights)
+            add = functools.partial(_add, r=r, scaling=config.scaling_for(key), init=config.init_lora_weights)
             found.append(SourceTarget(layer_path, path, None if chain else functools.partial(LoraParameter, parameter_name=name),
                                       add, {"A": a_shape, "B": b_shape}, ParameterWeights.file_keys))
     missing = [e for e in wanted if e not in matched]
