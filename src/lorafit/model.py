@@ -274,7 +274,7 @@ class LoraModel(nn.Module):
     def unload(self) -> nn.Module:
         """Return the base model with lorafit layers removed (merged updates stay in the weights;
         a modules-to-save wrapper leaves the active adapter's copy in place)."""
-        for name, layer in list(self.wrappers()):
+        for name, layer in reversed(list(self.wrappers())):  # inner first: nested layers (target_parameters)
             plain = layer.base_layer if isinstance(layer, LoraLayer) else layer.current()
             replace_module(self.model, name, plain)
         self.peft_config.clear()

@@ -169,6 +169,9 @@ def test_merge_equals_unmerged_and_unmerge_restores():
     model.unmerge()
     torch.testing.assert_close(model.model.model.layers[0].mlp.experts.base_layer.base_layer.gate_up_proj,
                                before, atol=1e-6, rtol=0)
+    plain = model.merge_and_unload()
+    assert not any(isinstance(m, LoraParameter) for m in plain.modules())
+    torch.testing.assert_close(plain(input_ids=IDS).logits, unmerged, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("change, field", [(dict(lora_dropout=0.1), "lora_dropout"), (dict(use_dora=True), "use_dora"),
