@@ -67,8 +67,9 @@ def train(cfg: RunConfig) -> dict[str, Any]:
 
     The directory must be new, empty, or left by a run that wrote no checkpoint; it is claimed
     (its config.yaml written) only once the data and the model have loaded, so a run that fails
-    to start leaves nothing in the way of the next try. Under ``torchrun --max-restarts``, a restarted attempt finds the directory its predecessor
-    left and resumes it (when the config is the same)."""
+    to start leaves nothing in the way of the next try. Under ``torchrun --max-restarts``, a
+    restarted attempt finds the directory its predecessor left and resumes it (when the config
+    is the same)."""
     with distributed.session(cfg.train) as group:
         restarted = group.from_main(lambda: _check_run_dir(cfg))
         run_cfg = _saved_config(Path(cfg.output.dir)) if restarted else cfg
