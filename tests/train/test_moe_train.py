@@ -1,5 +1,5 @@
-"""target_parameters and trainable_token_indices through `lorafit train` (config keys, resume
-bit-exact) and `lorafit inspect`, on a tiny Mixtral saved with its tokenizer."""
+"""target_parameters, trainable_token_indices (on a tiny Mixtral) and layer_replication (on the
+tiny Llama) through `lorafit train` (config keys, resume bit-exact) and `lorafit inspect`."""
 
 import shutil
 
@@ -28,12 +28,9 @@ def moe_config(tiny_config, mixtral_dir, out_dir, **train_keys):
     return run_config(data)
 
 
-def test_train_resume_and_inspect(tmp_path, tiny_config, mixtral_dir, cli):
-    full = tmp_path / "full"
-    train(moe_config(tiny_config, mixtral_dir, full))
+def resumed_equals_full(full, tmp_path):
+    """Resume a copy of run `full` from its step-2 checkpoint; the final adapters are bit-equal."""
     tensors = load_file(full / "adapter" / "adapter_model.safetensors")
-    assert "base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.weight" in tensors
-    assert "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta" in tensors
     part = tmp_path / "part"
     shutil.copytree(full, part)
     for step, path in list_checkpoints(part):
@@ -44,5 +41,23 @@ def test_train_resume_and_inspect(tmp_path, tiny_config, mixtral_dir, cli):
     resume(part)
     resumed = load_file(part / "adapter" / "adapter_model.safetensors")
     assert resumed.keys() == tensors.keys() and all(torch.equal(resumed[k], tensors[k]) for k in tensors)
+    return tensors
+
+
+def test_train_resume_and_inspect(tmp_path, tiny_config, mixtral_dir, cli):
+    full = tmp_path / "full"
+    train(moe_config(tiny_config, mixtral_dir, full))
+    tensors = resumed_equals_full(full, tmp_path)
+    assert "base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.weight" in tensors
+    assert "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta" in tensors
     shown = cli("inspect", str(full / "adapter")).stdout
     assert "experts.gate_up_proj" in shown and "trainable_token_indices" in shown
+
+
+def test_layer_replication_trains_and_resumes(tmp_path, tiny_config, cli):
+    full = tmp_path / "full"
+    train(run_config(tiny_config(full, lora={"layer_replication": [[0, 2], [1, 2]]},
+                                 train={"max_steps": 4, "save_every": 1, "keep_last": 10})))
+    tensors = resumed_equals_full(full, tmp_path)
+    assert "base_model.model.model.layers.2.self_attn.q_proj.lora_A.weight" in tensors  # the third, repeated layer
+    assert "layer_replication" in cli("inspect", str(full / "adapter")).stdout
