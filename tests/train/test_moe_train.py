@@ -44,6 +44,7 @@ def resumed_equals_full(full, tmp_path):
     return tensors
 
 
+@pytest.mark.slow
 def test_train_resume_and_inspect(tmp_path, tiny_config, mixtral_dir, cli):
     full = tmp_path / "full"
     train(moe_config(tiny_config, mixtral_dir, full))
@@ -54,6 +55,7 @@ def test_train_resume_and_inspect(tmp_path, tiny_config, mixtral_dir, cli):
     assert "experts.gate_up_proj" in shown and "trainable_token_indices" in shown
 
 
+@pytest.mark.slow
 def test_layer_replication_trains_and_resumes(tmp_path, tiny_config, cli):
     full = tmp_path / "full"
     train(run_config(tiny_config(full, lora={"layer_replication": [[0, 2], [1, 2]]},
