@@ -204,7 +204,9 @@ def test_orpo_run_logs_its_figures(tmp_path, dpo_config):
 
 
 def test_dpo_on_a_quantized_base(tmp_path, dpo_config):
-    summary = train(dpo_config(tmp_path / "run", model={"quantize": "nf4"}, train={"max_steps": 2}))
+    """fp32 compute: under bf16 autocast bitsandbytes takes another kernel for the no-grad
+    reference forward than for the policy's, and step 1 is ln 2 only to about 2e-4."""
+    summary = train(dpo_config(tmp_path / "run", model={"quantize": "nf4", "dtype": "fp32"}, train={"max_steps": 2}))
     first = records(tmp_path / "run")[0]
     assert first["loss"] == pytest.approx(LN2, abs=1e-5) and math.isfinite(summary["train_loss"])
 
