@@ -191,8 +191,9 @@ def find_parameter_targets(config, root: nn.Module) -> list[SourceTarget]:
             r = config.rank_for(key)
             a_shape, b_shape = probe.factor_shapes(r)
             add = functools.partial(_add, r=r, scaling=config.scaling_for(key), init=config.init_lora_weights)
-            found.append(SourceTarget(layer_path, path, None if chain else functools.partial(LoraParameter, parameter_name=name),
-                                      add, {"A": a_shape, "B": b_shape}, ParameterWeights.file_keys))
+            make = None if chain else functools.partial(LoraParameter, parameter_name=name)
+            found.append(SourceTarget(layer_path, path, make, add, {"A": a_shape, "B": b_shape},
+                                      ParameterWeights.file_keys))
     missing = [e for e in wanted if e not in matched]
     if missing:
         raise TargetError(f"LoraConfig.target_parameters entries {missing} match no parameter of "
