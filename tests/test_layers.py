@@ -164,6 +164,7 @@ def test_dropout_draws_one_mask_stream_on_every_path(dtype):
         base = cls(16, 8).to(dtype).requires_grad_(False)
         layer = LoraLinear(base)
         layer.create("a", r=2, scaling=1.0, dropout=0.5, init=False)
+        layer.lora["a"].to(dtype)  # adapters in the input's dtype, so the fused kernel can take them
         layer.active = ("a",)
         layer.train()
         x = torch.randn(64, 16, dtype=dtype, requires_grad=True)
