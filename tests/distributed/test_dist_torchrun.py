@@ -26,7 +26,7 @@ def test_two_processes_train_the_adapter_of_one_with_the_same_global_batch(mode,
     run = tmp_path / "run"
     code, out = finish(torchrun("train", write_config(tmp_path / "c.yaml", dist_config(run)),
                                 f"train.distributed={mode}"))
-    assert code == 0, out[-4000:]
+    assert code == 0, out[-20000:]  # whole faulthandler dumps (a rare SIGABRT under load)
     assert out.count("done: completed") == 1  # rank 0 alone reports
     assert f"batch 2 x 2 accumulation x 2 processes ({mode}) = global batch 8" in out
     assert_same_adapter(reference_run, run)  # non-empty, and equal up to float summation order
