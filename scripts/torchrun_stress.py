@@ -1,9 +1,9 @@
-"""Stress torchrun: start two ``lorafit train`` jobs (2 processes each, ``train.distributed=ddp``) at
+"""Stress torchrun: start two ``lorafit train`` jobs (2 processes each, ``train.distributed=MODE``) at
 the same moment on this machine, ROUNDS times, and report how each job ended; or, with
 ``--suite``, run the distributed tests (tests/distributed) ROUNDS times in a row. ``--busy`` keeps
 every core busy with burner processes meanwhile.
 
-    python scripts/torchrun_stress.py --rounds 10 [--busy] [--steps 20]
+    python scripts/torchrun_stress.py --rounds 10 [--busy] [--steps 20] [--mode fsdp]
     python scripts/torchrun_stress.py --suite --rounds 20 --busy
 
 Every job must exit 0 and write its summary (every suite run must pass). One that does not is
@@ -41,7 +41,7 @@ def burn(stop_at: float) -> None:
         sum(i * i for i in range(10_000))
 
 
-def write_setup(root: Path, steps: int) -> dict:
+def write_setup(root: Path, steps: int, mode: str) -> dict:
     """A tiny model directory and instruction data; returns the config data (without output.dir)."""
     texts = list(dict.fromkeys(DEFAULT_TEXTS))
     rows = [{"instruction": a, "input": "", "output": b} for a, b in itertools.product(texts, texts)]
@@ -52,7 +52,7 @@ def write_setup(root: Path, steps: int) -> dict:
         "data": {"train_file": str(root / "train.jsonl"), "format": "instruction", "eval_fraction": 0.2,
                  "max_length": 64},
         "train": {"max_steps": steps, "batch_size": 2, "lr": 1e-2, "eval_every": max(1, steps // 2),
-                  "save_every": max(1, steps // 2), "distributed": "ddp", "dist_timeout_s": 60},
+                  "save_every": max(1, steps // 2), "distributed": mode, "dist_timeout_s": 60},
         "output": {"plot": False},
     }
 
@@ -98,13 +98,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=10, help="pairs of simultaneous jobs, one pair at a time")
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps per job")
     parser.add_argument("--busy", action="store_true", help="keep every core busy with a burner process meanwhile")
+    parser.add_argument("--mode", choices=("ddp", "fsdp"), default="ddp", help="train.distributed of the jobs")
     parser.add_argument("--suite", action="store_true", help="run the distributed tests instead of two jobs")
     args = parser.parse_args(argv)
 
     failures = 0
     with tempfile.TemporaryDirectory(prefix="lorafit-stress-") as tmp:
         root = Path(tmp)
-        base = write_setup(root, args.steps)
+        base = write_setup(root, args.steps, args.mode)
         burners = []
         if args.busy:
             stop_at = time.time() + 24 * 3600

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
 import re
 from dataclasses import dataclass
@@ -235,13 +236,30 @@ def _attempt_store(rank: int, world_size: int, timeout: datetime.timedelta):
 
 
 def close(group: Group) -> None:
+    """Destroy the process group `init` created, once whatever is left of the session's objects is
+    collected.
+
+    Only freeing the group stops its gloo threads. A sharded model holds it (FSDP keeps the
+    device mesh per unit, the mesh its groups), and so does DTensor's sharding-propagation cache,
+    filled by FSDP's own DTensor parameters: `close` empties that cache. A group that outlives
+    `close` keeps its threads running into interpreter shutdown: one that drops the last
+    reference to a collective's tensor then needs the GIL, which a finalizing interpreter refuses
+    by ending the thread, and unwinding a C++ destructor that way aborts the process (SIGABRT,
+    after the run's work is done; more often on a loaded machine).
+    """
     if group.owns_process_group and torch.distributed.is_initialized():
+        if group.mode == "fsdp":
+            from torch.distributed.tensor.debug import _clear_sharding_prop_cache
+
+            _clear_sharding_prop_cache()
+        gc.collect()
         torch.distributed.destroy_process_group()
 
 
 @contextlib.contextmanager
 def session(cfg: TrainConfig) -> Iterator[Group]:
-    """`init` on entry, `close` on exit (also after an error)."""
+    """`init` on entry, `close` on exit (also after an error). Drop the objects that hold the
+    group (the model, under FSDP) before the block ends, so that `close` can free it."""
     group = init(cfg)
     try:
         yield group
@@ -329,7 +347,7 @@ def whole_base_weights(model: nn.Module, group: Group) -> Iterator[None]:
                 base = layer.base_layer
                 weight = base._parameters.get("weight")
                 if isinstance(weight, DTensor):
-                    whole = weight.full_tensor()
+                    whole = _gathered(weight)
                     if group.main:
                         swapped.append((base, weight))
                         base.register_parameter("weight", nn.Parameter(whole.cpu(), requires_grad=False))
@@ -338,6 +356,23 @@ def whole_base_weights(model: nn.Module, group: Group) -> Iterator[None]:
     finally:
         for base, weight in swapped:
             base.register_parameter("weight", weight)
+
+
+def _gathered(weight) -> Tensor:
+    """The whole of `weight`, a DTensor FSDP shards along dim 0 (rank r holds rows
+    [r*c, (r+1)*c) of the N rows, c = ceil(N / world); the last ranks fewer, or none): every
+    shard padded to c rows, one all-gather, the padding cut off.
+
+    A plain collective rather than ``full_tensor()``: DTensor's redistribution caches would keep
+    the device mesh, and with it the process group, alive past `close`."""
+    local = weight.to_local()
+    rows, world = weight.shape[0], weight.device_mesh.size()
+    chunk = -(-rows // world)
+    padded = local.new_zeros((chunk, *local.shape[1:]))
+    padded[:local.shape[0]] = local
+    whole = local.new_empty((chunk * world, *local.shape[1:]))
+    torch.distributed.all_gather_into_tensor(whole, padded)
+    return whole[:rows]
 
 
 # -- data position -----------------------------------------------------------------------------

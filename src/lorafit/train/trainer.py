@@ -71,12 +71,17 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     restarted attempt finds the directory its predecessor left and resumes it (when the config
     is the same)."""
     with distributed.session(cfg.train) as group:
-        restarted = group.from_main(lambda: _check_run_dir(cfg))
-        run_cfg = _saved_config(Path(cfg.output.dir)) if restarted else cfg
-        trainer = Trainer(run_cfg, resume=restarted, group=group)
-        if not restarted:  # the data and the model loaded: the directory is this run's now
-            group.from_main(lambda: _claim_run_dir(cfg))
-        return trainer.run()
+        return _new_run(cfg, group).run()  # the Trainer is gone before the session closes
+
+
+def _new_run(cfg: RunConfig, group: distributed.Group) -> Trainer:
+    """The `Trainer` of `train`, its run directory checked and, once it has loaded, claimed."""
+    restarted = group.from_main(lambda: _check_run_dir(cfg))
+    run_cfg = _saved_config(Path(cfg.output.dir)) if restarted else cfg
+    trainer = Trainer(run_cfg, resume=restarted, group=group)
+    if not restarted:  # the data and the model loaded: the directory is this run's now
+        group.from_main(lambda: _claim_run_dir(cfg))
+    return trainer
 
 
 def resume(run_dir: Path | str) -> dict[str, Any]:
