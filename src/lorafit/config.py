@@ -94,10 +94,13 @@ class LoraConfig:
     [0, 1, 2, 3, 2, 3, 4]; repeated layers share weights and get adapters of their own. It
     rewrites the base, so such an adapter is refused in mixed batches, merges and lorafit serve."""
     ensure_weight_tying: bool = False
-    """Keep tied input/output embeddings tied in the adapter (PEFT). lorafit ties trainable token
-    rows of a tied head to the embedding's whenever their indices agree; with this flag,
-    different indices for the two are an error. LoRA layers or modules_to_save copies on a tied
-    embedding are not tied by lorafit, so the flag is refused with them."""
+    """Keep tied input/output embeddings tied in the adapter (PEFT). When target_modules or
+    modules_to_save names the embedding or the tied head, the embedding gets the adapter and the
+    head shares it: a LoRA head's factors are the embedding's transposed (A_head = B_embᵀ,
+    B_head = A_embᵀ, so ΔH = ΔE; as in PEFT they are parameters of their own over the same
+    storage), a modules_to_save head uses the embedding copy's weight; merging keeps the two
+    tied. Trainable token rows of a tied head follow the embedding's whenever their indices
+    agree; with this flag, different indices are an error."""
     alora_invocation_tokens: Optional[list[int]] = None
     """Activated LoRA (PEFT): not implemented; must stay null."""
     use_bdlora: Optional[dict[str, Any]] = None

@@ -87,6 +87,12 @@ class LoraWeights(nn.Module):
     def unmerge(self, layer: "LoraLayer") -> None:
         merge_into(layer.weight_view(), self.delta(), -1.0)
 
+    def merged_elsewhere(self, layer: "LoraLayer") -> bool:
+        """Whether another layer's merge already writes this adapter's ΔW into `layer`'s base
+        weight, which the two share (a tied output head, `lorafit.kinds.tying`): merging it here
+        changes nothing, and the shared weight needs no copy of its own."""
+        return False
+
     def init_from_layer(self, layer: "LoraLayer") -> None:
         """Called once the factors are initialised; variants whose state depends on the base
         weight (DoRA's magnitude) set it up here."""
@@ -279,8 +285,13 @@ class ModulesToSave(nn.Module):
         self.active: tuple[str, ...] = ()
         self.router = Router()
 
-    def add(self, name: str) -> nn.Module:
-        copy_ = copy.deepcopy(self.original_module)
+    def add(self, name: str, weight: Optional[nn.Parameter] = None) -> nn.Module:
+        """A trainable copy of the original for adapter `name`; with `weight`, the copy uses that
+        parameter as its ``weight`` instead of a copy of its own (a tied output head's copy shares
+        the input embedding's copy, `lorafit.kinds.tying`)."""
+        original = self.original_module
+        memo = {id(original.weight): weight} if weight is not None else None
+        copy_ = copy.deepcopy(original, memo)
         self.modules_to_save[name] = copy_
         return copy_
 

@@ -32,7 +32,7 @@ from .config import LoraConfig
 from .errors import AdapterError, ConfigError, MergeError
 from .layers import LoraLayer, LoraWeights, ModulesToSave
 from .quant import dequantize_model
-from .registry import check_targets, find_kind, rewrites_of, selected_variant, target_sources
+from .registry import check_targets, find_kind, prepared_config, rewrites_of, selected_variant, target_sources
 from .routing import Router, RowAdapters
 from .surgery import default_targets, find_modules_to_save, find_targets, replace_module, unwrapped
 
@@ -94,6 +94,7 @@ class LoraModel(nn.Module):
         config = copy.deepcopy(config)
         if config.target_modules is None:
             config.target_modules = default_targets(self.model)
+        config = prepared_config(config, self.model)
         undo = [u for u in (r.rewrite(config, self.model) for r in rewrites_of(config)) if u is not None]
         try:
             targets = find_targets(self.model, config)
@@ -109,13 +110,13 @@ class LoraModel(nn.Module):
             layer = module if isinstance(module, LoraLayer) else self._wrap_at(name, module)
             layer.create(adapter_name, config.rank_for(name), config.scaling_for(name),
                          config.lora_dropout, config.init_lora_weights, variant=variant)
+        for name, module in saved:  # before the target sources: a tied head's copy shares the embedding's
+            wrapper = module if isinstance(module, ModulesToSave) else self._wrap_at(name, ModulesToSave(module))
+            wrapper.add(adapter_name)
         for target in others:
             at = self.model.get_submodule(target.at)
             layer = self._wrap_at(target.at, target.make(at)) if target.make else self.model.get_submodule(target.path)
             target.add(layer, adapter_name)
-        for name, module in saved:
-            wrapper = module if isinstance(module, ModulesToSave) else self._wrap_at(name, ModulesToSave(module))
-            wrapper.add(adapter_name)
         self.peft_config[adapter_name] = config
         self._update_trainable()
 
@@ -245,6 +246,9 @@ class LoraModel(nn.Module):
         uses: dict[int, int] = {}
         for _, param in self.model.named_parameters(remove_duplicate=False):
             uses[id(param)] = uses.get(id(param), 0) + 1
+        for _, layer in self.lora_layers():  # a tied head's merge is its embedding's: no use of its own
+            if any(n in layer.lora and layer.lora[n].merged_elsewhere(layer) for n in names):
+                uses[id(layer.base_layer.weight)] -= 1
         for module_name, layer in self.lora_layers():
             weight = getattr(layer.base_layer, "weight", None)  # None: a parameter target's module
             if uses.get(id(weight), 0) > 1 and any(n in layer.lora and n not in layer.merged for n in names):

@@ -134,10 +134,16 @@ class TargetSource:
 
     ``find(config, root)`` checks the config against the model, changing nothing, and returns
     the `SourceTarget` list in the order the layers are to be built (inner layers first).
+    ``prepare(config, root)``, when given, runs for every config, set field or not, before any
+    target is found, and returns the config to adapt `root` with (a new object, or `config`
+    itself when nothing changes; PEFT rewrites target_modules / modules_to_save for
+    ``ensure_weight_tying``). It must be idempotent: a prepared config saved and loaded again
+    prepares to itself.
     """
 
     field: str
     find: Callable[[Any, nn.Module], list[SourceTarget]]
+    prepare: Optional[Callable[[Any, nn.Module], Any]] = None
 
 
 @dataclass(frozen=True)
@@ -197,6 +203,14 @@ def rewrites_of(config: Any) -> list[BaseRewrite]:
 def target_sources(config: Any) -> list[TargetSource]:
     """The target sources whose field `config` sets."""
     return [s for s in extensions().sources if getattr(config, s.field, None)]
+
+
+def prepared_config(config: Any, root: nn.Module) -> Any:
+    """`config` as the target sources adapt it to the model `root` (`TargetSource.prepare`)."""
+    for source in extensions().sources:
+        if source.prepare is not None:
+            config = source.prepare(config, root)
+    return config
 
 
 def check_init_settings(config: Any) -> None:

@@ -20,8 +20,8 @@ from ..atomic import PathLike
 from ..config import LoraConfig
 from ..errors import AdapterError, AdapterFileError, ConfigError, TargetError
 from ..layers import LoraLayer, LoraWeights, ModulesToSave
-from ..registry import (SourceTarget, Variant, check_targets, find_init, find_kind, rewrites_of, selected_variant,
-                        target_sources)
+from ..registry import (SourceTarget, Variant, check_targets, find_init, find_kind, prepared_config, rewrites_of,
+                        selected_variant, target_sources)
 from ..surgery import find_modules_to_save, find_targets, unwrapped
 from . import fingerprints as fp
 from .keys import PREFIX, split_lora_key, strip_prefix, tensor_keys
@@ -107,6 +107,7 @@ def _plan(root: nn.Module, adapter: AdapterDir, config: LoraConfig, extras: dict
     config = config.replace(inference_mode=not trainable,
                             modules_to_save=_present_modules_to_save(root, config.modules_to_save))
     try:
+        config = prepared_config(config, root)
         variant = selected_variant(config)
         targets = find_targets(root, config)
         check_targets(config, [(path, unwrapped(module)) for path, module in targets])
@@ -337,7 +338,8 @@ def apply_new(model: "LoraModel", name: str, checked: Plan) -> None:
     config = model.peft_config[name]
     with torch.no_grad():
         for path, tensors in checked.lora.items():
-            weights = model.model.get_submodule(path).lora[name]
+            holder = model.model.get_submodule(path)  # a target source's may be a modules_to_save copy
+            weights = holder.modules_to_save[name] if isinstance(holder, ModulesToSave) else holder.lora[name]
             for param, tensor in tensors.items():
                 weights.get_parameter(param).copy_(tensor)
         _copy_shared(model, name, checked)

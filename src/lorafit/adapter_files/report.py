@@ -7,6 +7,8 @@ import warnings
 from collections import Counter
 from typing import Any, Optional
 
+import torch
+
 from ..atomic import PathLike
 from ..combine import METADATA_KEY as COMBINED_KEY
 from ..config import LoraConfig
@@ -33,6 +35,8 @@ def describe_adapter(path: PathLike, allow_pickle: bool = False) -> dict[str, An
     config, extras, checks = _config_checks(adapter)
     factors = lora_factors(adapter.tensors)
     checks += _shape_checks(adapter, config, factors)
+    tying, tying_checks = _tying(adapter, config, factors)
+    checks += tying_checks
     checks += _file_checks(adapter)
     lora_params = sum(t.numel() for key, t in adapter.tensors.items() if split_lora_key(key) is not None)
     other = sum(t.numel() for key, t in adapter.tensors.items() if split_lora_key(key) is None)
@@ -57,6 +61,7 @@ def describe_adapter(path: PathLike, allow_pickle: bool = False) -> dict[str, An
         "metadata": adapter.user_metadata,
         "combined": adapter.user_metadata.get(COMBINED_KEY),
         "initialised": _initialisation(config, extras),
+        "tying": tying,
         "extra_config_keys": sorted(extras),
         "subfolder_adapters": sorted(p.name for p in adapter.path.iterdir() if (p / CONFIG_NAME).is_file()),
         "checks": checks,
@@ -110,6 +115,37 @@ def _stacked_rank(config: LoraConfig, factors: dict[str, dict[str, tuple[str, An
     return rows if has_suffix(owner, targets) and rows % r == 0 else r
 
 
+def _tying(adapter: AdapterDir, config: LoraConfig, factors: dict[str, dict[str, tuple[str, Any]]]
+           ) -> tuple[list[str], list[tuple[bool, str]]]:
+    """With ``ensure_weight_tying``: the tied pairs the file holds, as ``"head = embedding (...)"``,
+    and a check per pair. A tied head's LoRA factors are the transposes of the embedding's
+    (``A_h = B_eᵀ``, ``B_h = A_eᵀ``); a tied head's modules_to_save copy equals the embedding's."""
+    if not config.ensure_weight_tying:
+        return [], []
+    pairs, checks = [], []
+    embeddings = {m: f for m, f in factors.items() if len(f) == 2 and f["A"][0].endswith("lora_embedding_A")}
+    for emb, (a_e, b_e) in ((m, (f["A"][1], f["B"][1])) for m, f in embeddings.items()):
+        for head, f in sorted(factors.items()):
+            if head in embeddings or len(f) != 2 or f["A"][1].shape != b_e.T.shape or f["B"][1].shape != a_e.T.shape:
+                continue
+            same = torch.equal(f["A"][1], b_e.T) and torch.equal(f["B"][1], a_e.T)
+            pairs.append(f"{head} = {emb} (LoRA factors transposed)")
+            checks.append((same, f"{head}: LoRA factors {'are' if same else 'are NOT'} the transposes of {emb}'s "
+                                 "(ensure_weight_tying)"))
+    copies = {strip_prefix(k): t for k, t in adapter.tensors.items() if split_lora_key(k) is None}
+    saved = [k for k in copies if has_suffix(k.rpartition(".")[0], config.modules_to_save or [])]
+    for key in saved:
+        for other, tensor in sorted(copies.items()):
+            if other not in saved and other.rpartition(".")[2] == key.rpartition(".")[2] \
+                    and tensor.shape == copies[key].shape and torch.equal(tensor, copies[key]):
+                pairs.append(f"{other.rpartition('.')[0]} = {key.rpartition('.')[0]} (modules_to_save copy shared)")
+    return pairs, checks
+
+
+def _tying_text(pairs: list[str]) -> str:
+    return "yes: " + "; ".join(pairs) if pairs else "yes (no tied pair in the file)"
+
+
 def _file_checks(adapter: AdapterDir) -> list[tuple[bool, str]]:
     checks = []
     leftovers = leftover_temp_files(adapter.path)
@@ -143,6 +179,7 @@ def format_report(report: dict[str, Any]) -> str:
         ("target_parameters", config["target_parameters"]),
         ("trainable_token_indices", config["trainable_token_indices"]),
         ("layer_replication", config["layer_replication"]),
+        ("ensure_weight_tying", _tying_text(report["tying"]) if config["ensure_weight_tying"] else None),
         ("parameters", f"{params['total']:,} ({params['lora']:,} in LoRA factors, {params['other']:,} in "
                        f"modules_to_save/biases/embeddings)"),
         ("dtype", ", ".join(report["dtypes"])),

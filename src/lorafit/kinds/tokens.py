@@ -18,7 +18,6 @@ the embedding's rows are saved (PEFT's layout: ``<embedding>.token_adapter.train
 from __future__ import annotations
 
 import functools
-import warnings
 from typing import Optional
 
 import torch
@@ -28,6 +27,7 @@ from ..errors import ConfigError, MergeError, TargetError
 from ..layers import LoraLayer
 from ..registry import SourceTarget, TargetSource
 from ..surgery import has_suffix, module_target_paths, walk
+from .tying import input_embedding_path, tied_heads
 
 
 class TokenRows(nn.Module):
@@ -66,6 +66,9 @@ class TokenRows(nn.Module):
 
     def unmerge(self, layer: "LoraTokens") -> None:
         self._write(layer, self.original)
+
+    def merged_elsewhere(self, layer: "LoraTokens") -> bool:
+        return False  # a tied head's rows are written again, to the same values
 
     def _write(self, layer: "LoraTokens", rows: Tensor) -> None:
         weight = layer.base_layer.weight
@@ -109,7 +112,7 @@ def find_token_targets(config, root: nn.Module) -> list[SourceTarget]:
     """The layers `config.trainable_token_indices` selects, then any output head tied to a
     selected input embedding (ConfigError/TargetError name what is refused)."""
     spec = config.trainable_token_indices
-    embedding_path = _input_embedding_path(root)
+    embedding_path = input_embedding_path(root)
     by_name = dict(spec) if isinstance(spec, dict) else {embedding_path or "embed_tokens": list(spec)}
     modules = dict(walk(root))
     targeted = module_target_paths(root, config)
@@ -134,7 +137,7 @@ def find_token_targets(config, root: nn.Module) -> list[SourceTarget]:
             raise ConfigError(f"LoraConfig.trainable_token_indices[{name!r}] = {indices!r}: expected distinct "
                               f"token ids in [0, {vocab})")
         chosen[path] = (module, base, list(indices))
-    tied = _tied_heads(root, modules, embedding_path)
+    tied = tied_heads(root, embedding_path, modules)
     if config.ensure_weight_tying and embedding_path in chosen:
         clash = [p for p in tied if p in chosen and chosen[p][2] != chosen[embedding_path][2]]
         if clash:
@@ -156,26 +159,6 @@ def find_token_targets(config, root: nn.Module) -> list[SourceTarget]:
     return targets
 
 
-def check_weight_tying(config, root: nn.Module) -> list[SourceTarget]:
-    """``ensure_weight_tying``: trainable token rows are tied by `find_token_targets`; LoRA layers
-    and modules_to_save copies on a tied embedding or head are refused (lorafit does not tie
-    them, PEFT does). Warns, as PEFT, when the model has no tied embeddings. Adds no target."""
-    embedding_path = _input_embedding_path(root)
-    modules = dict(walk(root))
-    tied = _tied_heads(root, modules, embedding_path)
-    if not tied:
-        warnings.warn("LoraConfig.ensure_weight_tying = True, but the model has no tied embeddings")
-        return []
-    on_tied = [embedding_path, *tied]
-    targeted = module_target_paths(root, config) | {p for p in on_tied if has_suffix(p, config.modules_to_save or [])}
-    clash = [p for p in on_tied if p in targeted]
-    if clash:
-        raise ConfigError(f"LoraConfig.ensure_weight_tying = True with {clash[0]!r} in target_modules or "
-                          "modules_to_save: lorafit does not tie LoRA layers or module copies on tied embeddings "
-                          "(only trainable_token_indices rows)")
-    return []
-
-
 def _add(layer: LoraTokens, name: str, indices: list[int]) -> None:
     layer.add_rows(name, indices)
 
@@ -184,24 +167,4 @@ def _add_tied(layer: LoraTokens, name: str, indices: list[int], root: nn.Module,
     layer.add_rows(name, indices, source=root.get_submodule(source_path).lora[name])
 
 
-def _input_embedding_path(root: nn.Module) -> Optional[str]:
-    get = getattr(root, "get_input_embeddings", None)
-    embedding = get() if callable(get) else None
-    return next((p for p, m in walk(root) if m is embedding), None) if embedding is not None else None
-
-
-def _tied_heads(root: nn.Module, modules: dict, embedding_path: Optional[str]) -> list[str]:
-    """Paths of modules whose weight is the input embedding's weight (tied embeddings)."""
-    if embedding_path is None:
-        return []
-
-    def weight(module):
-        return (module.base_layer if isinstance(module, LoraLayer) else module).weight
-
-    shared = weight(modules[embedding_path])
-    return [p for p, m in modules.items() if p != embedding_path and isinstance(getattr(
-        m.base_layer if isinstance(m, LoraLayer) else m, "weight", None), nn.Parameter) and weight(m) is shared]
-
-
 TOKENS = TargetSource("trainable_token_indices", find_token_targets)
-TYING = TargetSource("ensure_weight_tying", check_weight_tying)
