@@ -21,6 +21,13 @@ def test_overrides_are_typed_by_the_schema():
     assert cfg.data.labels == ["neg", "pos"] and cfg.task == "classification"
 
 
+def test_gradient_checkpointing_is_a_flag_or_mlp():
+    assert run_config({}, ["model.gradient_checkpointing=mlp"]).model.gradient_checkpointing == "mlp"
+    assert run_config({"model": {"gradient_checkpointing": False}}).model.gradient_checkpointing is False
+    with pytest.raises(ConfigError, match="model.gradient_checkpointing"):
+        run_config({}, ["model.gradient_checkpointing=attention"])
+
+
 def test_a_plain_string_stays_a_string_in_a_list_or_string_field():
     assert run_config({"lora": {"target_modules": "all-linear"}}).lora.target_modules == "all-linear"
     assert run_config({}, ["lora.target_modules=all-linear"]).lora.target_modules == "all-linear"

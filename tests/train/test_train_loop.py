@@ -14,7 +14,7 @@ import yaml
 
 import lorafit
 from lorafit.data import IGNORE_INDEX
-from lorafit.errors import TrainingError
+from lorafit.errors import ConfigError, TrainingError
 from lorafit.testing import tiny_llama
 from lorafit.train import objectives as objectives_module
 from lorafit.train.checkpoints import list_checkpoints
@@ -186,10 +186,11 @@ def test_half_precision_base_trains_fp32_adapters(tmp_path, tiny_config, dtype):
     assert all(t.dtype == torch.float32 for t in _trained(tmp_path / "run").values())
 
 
-def test_gradient_checkpointing_gives_the_same_update(tmp_path, tiny_config):
-    lora = {"lora_dropout": 0.0}
+@pytest.mark.parametrize("mode", [True, "mlp"])
+def test_gradient_checkpointing_gives_the_same_update(tmp_path, tiny_config, mode):
+    lora = {"lora_dropout": 0.1, "target_modules": "all-linear"}  # the recomputation replays the dropout masks
     plain = train(run_config(tiny_config(tmp_path / "plain", lora=lora, train={"max_steps": 2})))
-    ckpt = train(run_config(tiny_config(tmp_path / "ckpt", lora=lora, model={"gradient_checkpointing": True},
+    ckpt = train(run_config(tiny_config(tmp_path / "ckpt", lora=lora, model={"gradient_checkpointing": mode},
                                         train={"max_steps": 2})))
     assert ckpt["train_loss"] == pytest.approx(plain["train_loss"], rel=1e-5)
     a, b = _trained(tmp_path / "plain"), _trained(tmp_path / "ckpt")
@@ -325,3 +326,47 @@ def test_hidden_state_loss_equals_the_logits_loss_in_value_and_gradient():
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+
+
+def test_mlp_checkpointing_keeps_no_intermediate_sized_activation():
+    """Without it a Llama block keeps tensors of the MLP's intermediate width (gate, up, their
+    activation and product); with it only the MLP's input, and the weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lorafit.train.modeling import checkpoint_mlps
+
+    def kept_widths(model):
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        widths = []
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in params:
+                widths.append(t.shape[-1] if t.dim() else 0)
+            return t
+
+        ids = torch.randint(0, 64, (2, 8))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return widths
+
+    intermediate = 48  # no other width of the model
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=intermediate, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2)
+    plain = lorafit.wrap(LlamaForCausalLM(config), lorafit.LoraConfig(r=2, target_modules="all-linear"))
+    assert kept_widths(plain).count(intermediate) >= 4 * config.num_hidden_layers
+    base = LlamaForCausalLM(config)
+    checkpoint_mlps(base)
+    recomputed = lorafit.wrap(base, lorafit.LoraConfig(r=2, target_modules="all-linear"))
+    assert intermediate not in kept_widths(recomputed)
+
+
+def test_mlp_checkpointing_names_a_model_without_mlp_blocks():
+    from transformers import BertConfig, BertModel
+
+    from lorafit.train.modeling import checkpoint_mlps
+
+    model = BertModel(BertConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=32))
+    with pytest.raises(ConfigError, match=r"gradient_checkpointing = 'mlp': BertModel has no decoder blocks .*BertLayer"):
+        checkpoint_mlps(model)

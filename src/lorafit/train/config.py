@@ -22,7 +22,7 @@ import textwrap
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal, Optional, Sequence
+from typing import Any, Iterable, Literal, Optional, Sequence, Union
 
 from ..atomic import atomic_write_text
 from ..config import LoraConfig
@@ -60,8 +60,11 @@ class ModelConfig:
     (``float32``...; `lorafit.dtypes`), kept as the short name."""
     quantize: Literal["none", "nf4", "fp4", "int8"] = "none"
     """Quantize the frozen base weights (`lorafit.quant.quantize_model`)."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass: less memory, about a third more compute."""
+    gradient_checkpointing: Union[bool, Literal["mlp"]] = False
+    """Recompute activations in the backward pass instead of keeping them. ``true``: every
+    decoder block's (least memory, about a third more compute); ``mlp``: only those of each
+    block's MLP, the largest part (a Llama block keeps four tokens x intermediate tensors there),
+    for one more MLP forward per block (`lorafit.train.modeling.checkpoint_mlps`)."""
     trust_remote_code: bool = False
     """Allow model code shipped with the checkpoint to run (only for sources you trust)."""
 

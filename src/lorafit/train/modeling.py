@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from ..adapter_files import inference_dtype, label_config, read_adapter_dir, trained_base
@@ -85,7 +87,9 @@ def build_model(cfg: RunConfig, labels: Optional[Sequence[str]], device: torch.d
     lora = cfg.lora
     if cfg.task == "classification" and lora.modules_to_save is None:
         lora = lora.replace(modules_to_save=head_modules(base))
-    if cfg.model.gradient_checkpointing:
+    if cfg.model.gradient_checkpointing == "mlp":
+        checkpoint_mlps(base)
+    elif cfg.model.gradient_checkpointing:
         if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x
             base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
@@ -98,6 +102,32 @@ def build_model(cfg: RunConfig, labels: Optional[Sequence[str]], device: torch.d
             param.data = param.data.float()
     model.train()
     return model
+
+
+def checkpoint_mlps(model: nn.Module) -> None:
+    """Recompute the activations of each decoder block's ``mlp`` in the backward pass instead of
+    keeping them; the blocks are the modules whose class the model lists in ``_no_split_modules``.
+
+    Per token and layer a Llama-style MLP, ``down(silu(gate(x)) * up(x))``, keeps four tensors of
+    the intermediate size I (gate, up, the activation, the product) against a handful of the
+    hidden size H elsewhere in the block, with I about 2.7 H: recomputing it drops most of a
+    step's activations for one more MLP forward per block. The recomputation replays the RNG
+    and autocast state, so the gradients are those of a plain step.
+    """
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    mlps = [block.mlp for block in model.modules()
+            if type(block).__name__ in blocks and isinstance(getattr(block, "mlp", None), nn.Module)]
+    if not mlps:
+        raise ConfigError(f"model.gradient_checkpointing = 'mlp': {type(model).__name__} has no decoder blocks with an "
+                          f"'mlp' module (blocks: {sorted(blocks) or 'none listed'}); use true")
+    for mlp in mlps:
+        mlp.forward = functools.partial(_recomputed, mlp.forward)
+
+
+def _recomputed(forward, *args, **kwargs):
+    if not torch.is_grad_enabled():
+        return forward(*args, **kwargs)
+    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
 def read_labels(adapter_dir: Path) -> Optional[list[str]]:
