@@ -87,11 +87,16 @@ class LoraWeights(nn.Module):
     def unmerge(self, layer: "LoraLayer") -> None:
         merge_into(layer.weight_view(), self.delta(), -1.0)
 
+    def merged_with(self, layer: "LoraLayer") -> "LoraWeights":
+        """The adapter weights whose merge writes this adapter's ΔW into `layer`'s base weight:
+        these, or another layer's that shares the weight and has the same ΔW (a tied output
+        head's embedding adapter, `lorafit.kinds.tying`)."""
+        return self
+
     def merged_elsewhere(self, layer: "LoraLayer") -> bool:
         """Whether another layer's merge already writes this adapter's ΔW into `layer`'s base
-        weight, which the two share (a tied output head, `lorafit.kinds.tying`): merging it here
-        changes nothing, and the shared weight needs no copy of its own."""
-        return False
+        weight, which the two share: merging it here changes nothing."""
+        return self.merged_with(layer) is not self
 
     def init_from_layer(self, layer: "LoraLayer") -> None:
         """Called once the factors are initialised; variants whose state depends on the base

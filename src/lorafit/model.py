@@ -241,18 +241,27 @@ class LoraModel(nn.Module):
 
     def _untie_merge_targets(self, names: Sequence[str]) -> None:
         """Give a merge target whose weight is shared (e.g. input embeddings tied to the output
-        head) its own copy, so merging changes only the targeted module, as the unmerged
-        forward does."""
-        uses: dict[int, int] = {}
-        for _, param in self.model.named_parameters(remove_duplicate=False):
-            uses[id(param)] = uses.get(id(param), 0) + 1
-        for _, layer in self.lora_layers():  # a tied head's merge is its embedding's: no use of its own
-            if any(n in layer.lora and layer.lora[n].merged_elsewhere(layer) for n in names):
-                uses[id(layer.base_layer.weight)] -= 1
-        for module_name, layer in self.lora_layers():
+        head) its own copy unless every module using that weight receives the same updates from
+        merging `names`, so merging changes each module as the unmerged forward does. A tied
+        head's adapter brings its embedding adapter's update (`LoraWeights.merged_with`); a
+        module without LoRA on the weight brings none."""
+        layers = dict(self.lora_layers())
+
+        def updates(path: str, param: nn.Parameter) -> frozenset:  # what merging brings the module using param
+            layer = layers.get(path.rpartition(".")[0].removesuffix(".base_layer"))
+            if layer is None or getattr(layer.base_layer, "weight", None) is not param:
+                return frozenset()
+            return frozenset(id(layer.lora[n].merged_with(layer)) for n in names
+                             if n in layer.lora and n not in layer.merged)
+
+        uses: dict[int, set[frozenset]] = {}
+        for path, param in self.model.named_parameters(remove_duplicate=False):
+            uses.setdefault(id(param), set()).add(updates(path, param))
+        for module_name, layer in layers.items():
             weight = getattr(layer.base_layer, "weight", None)  # None: a parameter target's module
-            if uses.get(id(weight), 0) > 1 and any(n in layer.lora and n not in layer.merged for n in names):
-                warnings.warn(f"{module_name}.weight is tied to another module; merging unties it")
+            if len(uses.get(id(weight), ())) > 1 and any(n in layer.lora and n not in layer.merged for n in names):
+                warnings.warn(f"{module_name}.weight is tied to another module that this merge changes "
+                              "differently; merging unties it")
                 layer.base_layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
 
     def unmerge(self) -> None:

@@ -175,3 +175,33 @@ def test_inspect_shows_the_tie(tmp_path):
         text = format_report(report)
         shared = "LoRA factors transposed" if i == 0 else "modules_to_save copy shared"
         assert f"lm_head = model.embed_tokens ({shared})" in text
+
+
+def two_adapters(second: list[str]):
+    """A tied adapter "t" on the embedding and its head, and a plain adapter "o" on `second`."""
+    ours = lorafit.wrap(tiny(), config(lorafit.LoraConfig, target_modules=["embed_tokens"]), adapter_name="t")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "o" on the tied embedding without ensure_weight_tying: PEFT's warning
+        ours.add_adapter("o", lorafit.LoraConfig(r=2, init_lora_weights=False, target_modules=second))
+    ours.set_adapter(["t", "o"])
+    return ours
+
+
+@pytest.mark.parametrize("second, steps, tied", [
+    (["embed_tokens"], [["t", "o"]], False),  # the head gets t's update only: untie
+    (["embed_tokens"], [["t"], ["o"]], False),
+    (["embed_tokens"], [["o"], ["t"]], False),
+    (["q_proj"], [["t", "o"]], True),  # the same updates on both: stay tied
+])
+def test_merging_unties_when_the_embedding_and_its_head_get_different_updates(second, steps, tied):
+    ours = two_adapters(second)
+    unmerged = ours(input_ids=IDS).logits
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for names in steps:
+            ours.merge(names)
+    assert (ours.model.lm_head.base_layer.weight is ours.model.model.embed_tokens.base_layer.weight) == tied
+    assert any("merging unties it" in str(w.message) for w in caught) != tied
+    torch.testing.assert_close(ours(input_ids=IDS).logits, unmerged, atol=1e-5, rtol=0)
+    ours.unmerge()
+    torch.testing.assert_close(ours(input_ids=IDS).logits, unmerged, atol=1e-5, rtol=0)

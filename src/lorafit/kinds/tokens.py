@@ -67,8 +67,8 @@ class TokenRows(nn.Module):
     def unmerge(self, layer: "LoraTokens") -> None:
         self._write(layer, self.original)
 
-    def merged_elsewhere(self, layer: "LoraTokens") -> bool:
-        return False  # a tied head's rows are written again, to the same values
+    def merged_with(self, layer: "LoraTokens") -> "TokenRows":
+        return self  # a tied head's rows are written again, to the same values
 
     def _write(self, layer: "LoraTokens", rows: Tensor) -> None:
         weight = layer.base_layer.weight

@@ -66,8 +66,8 @@ class TiedLoraWeights(LoraWeights):
         super().__setstate__(state)
         self.retie()
 
-    def merged_elsewhere(self, layer: LoraLayer) -> bool:
-        return layer.base_layer.weight is self.source_layer.base_layer.weight
+    def merged_with(self, layer: LoraLayer) -> LoraWeights:
+        return self.source if layer.base_layer.weight is self.source_layer.base_layer.weight else self
 
     def merge(self, layer: LoraLayer, safe: bool) -> None:
         if not self.merged_elsewhere(layer):  # the base was untied since: merge into the head's own weight
