@@ -33,6 +33,14 @@ asked for.
 
 Adapters whose maths is not ``s B A`` (DoRA's normalised magnitude) or that carry
 modules_to_save copies cannot be combined exactly and are refused.
+
+An output head tied to the input embedding by ``ensure_weight_tying`` (`lorafit.kinds.tying`)
+stays tied: when every adapter that updates the embedding or the head ties the two, each
+adapter's head update is its embedding update transposed, so the combination's is too; the new
+adapter gets the embedding's combined factors, the head their transposes, and
+``ensure_weight_tying``. When another adapter updates one of the two alone, the combination
+would update them differently and could not be tied: refused, naming that adapter. (PEFT's
+``add_weighted_adapter`` gives the combined adapter no head update at all.)
 """
 
 from __future__ import annotations
@@ -49,6 +57,7 @@ from torch import Tensor
 from .config import LoraConfig
 from .errors import AdapterError
 from .functional import delta_weight
+from .kinds.tying import TiedLoraWeights
 from .layers import LoraWeights
 from .merge_methods import RULES
 
@@ -194,10 +203,11 @@ def combine(model, weights: Mapping[str, float], name: str, method: str = "cat",
     report = CombineReport(method, {a: float(w) for a, w in weights.items()},
                            chosen.settings(rank, density, majority_sign_method, seed))
     options = Options(rank, density, majority_sign_method)
+    tied = _tied_heads(model, weights)
     new_weights: dict[str, LoraWeights] = {}
     total = 0.0
     for path, layer in model.lora_layers():
-        parts = _parts(path, layer, weights)
+        parts = [] if path in tied else _parts(path, layer, weights)
         if not parts:
             continue
         if seed is not None and options.generator is None:  # on the adapters' device
@@ -208,7 +218,10 @@ def combine(model, weights: Mapping[str, float], name: str, method: str = "cat",
         new_weights[path] = LoraWeights(A.clone(), B.clone(), 1.0, template.lora_dropout)
         report.ranks[path] = A.shape[0]
     report.relative_error = math.sqrt(report.discarded_energy / total) if total > 0 else 0.0
-    model.add_adapter_weights(name, _config_for(report.ranks, template), new_weights)
+    layers = dict(model.lora_layers())
+    for head, embedding in tied.items():  # added after the embedding's, whose storage they share
+        new_weights[head] = TiedLoraWeights(layers[embedding], new_weights[embedding], 1.0, template.lora_dropout)
+    model.add_adapter_weights(name, _config_for(report.ranks, template, bool(tied)), new_weights)
     return report
 
 
@@ -241,6 +254,34 @@ def _check(model, weights: Mapping[str, float], name: str, method: str, rank: Op
     return chosen
 
 
+def _tied_heads(model, weights: Mapping[str, float]) -> dict[str, str]:
+    """{head path: embedding path} for each output head that adapters of `weights` tie to the
+    input embedding; `AdapterError` when another adapter of `weights` updates one of the two
+    without the tie (see the module docstring)."""
+    layers = dict(model.lora_layers())
+    paths = {id(layer): path for path, layer in layers.items()}
+    tied = {}
+    for head, layer in layers.items():
+        ties = [(a, w.source_layer) for a, w in layer.lora.items() if a in weights and isinstance(w, TiedLoraWeights)]
+        if not ties:
+            continue
+        tying, source = ties[0]
+        embedding = paths[id(source)]
+        for adapter in weights:
+            on_head, on_embedding = adapter in layer.lora, adapter in source.lora
+            own = layer.lora[adapter] if on_head else None
+            if isinstance(own, TiedLoraWeights) and own.source_layer is source:
+                continue
+            if on_head or on_embedding:
+                where = f"has its own LoRA on {head!r}" if on_head else f"has LoRA on {embedding!r} alone"
+                raise AdapterError(f"combine: adapter {tying!r} ties {head!r} to {embedding!r} (ensure_weight_tying) "
+                                   f"but adapter {adapter!r} {where}: the combination would update the two "
+                                   "differently, so it could not be tied; combine adapters that all tie them, or "
+                                   "none that updates either")
+        tied[head] = embedding
+    return tied
+
+
 def _parts(path: str, layer, weights: Mapping[str, float]) -> list[Part]:
     parts = []
     for adapter, w in weights.items():
@@ -254,11 +295,12 @@ def _parts(path: str, layer, weights: Mapping[str, float]) -> list[Part]:
     return parts
 
 
-def _config_for(ranks: Mapping[str, int], template: LoraConfig) -> LoraConfig:
-    """A PEFT-style config whose scaling is 1 on every module: lora_alpha = r per module."""
+def _config_for(ranks: Mapping[str, int], template: LoraConfig, tied: bool = False) -> LoraConfig:
+    """A PEFT-style config whose scaling is 1 on every module: lora_alpha = r per module; with
+    `tied`, ensure_weight_tying (the tied heads are not in target_modules, as after PEFT's rewrite)."""
     r = max(ranks.values())
     pattern = {re.escape(path): rk for path, rk in ranks.items() if rk != r}
     return LoraConfig(r=r, lora_alpha=r, target_modules=sorted(ranks), rank_pattern=pattern,
                       alpha_pattern=dict(pattern), task_type=template.task_type,
                       base_model_name_or_path=template.base_model_name_or_path,
-                      lora_dropout=template.lora_dropout, init_lora_weights=False)
+                      lora_dropout=template.lora_dropout, init_lora_weights=False, ensure_weight_tying=tied)

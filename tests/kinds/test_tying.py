@@ -205,3 +205,32 @@ def test_merging_unties_when_the_embedding_and_its_head_get_different_updates(se
     torch.testing.assert_close(ours(input_ids=IDS).logits, unmerged, atol=1e-5, rtol=0)
     ours.unmerge()
     torch.testing.assert_close(ours(input_ids=IDS).logits, unmerged, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method, options", [("cat", {}), ("svd", dict(rank=4))])
+def test_combining_tied_adapters_gives_a_tied_adapter(tmp_path, method, options):
+    ours = two_adapters(["q_proj"])
+    ours.add_adapter("t2", config(lorafit.LoraConfig, target_modules=["lm_head"]))
+    ours.set_adapter(["t", "o", "t2"])
+    expected = ours(input_ids=IDS).logits
+    ours.combine({"t": 1.0, "o": 1.0, "t2": 1.0}, "c", method=method, **options)
+    ours.set_adapter("c")
+    torch.testing.assert_close(ours(input_ids=IDS).logits, expected, atol=1e-4, rtol=0)
+    e, h = ours.model.model.embed_tokens.lora["c"], ours.model.lm_head.lora["c"]
+    assert isinstance(h, TiedLoraWeights) and h.A.data_ptr() == e.B.data_ptr() and h.B.data_ptr() == e.A.data_ptr()
+    assert ours.peft_config["c"].ensure_weight_tying
+    ours.save_adapter(tmp_path / "c", adapter_names=["c"])
+    report = describe_adapter(tmp_path / "c")
+    assert report["ok"] and report["tying"] == ["lm_head = model.embed_tokens (LoRA factors transposed)"], report
+    loaded = lorafit.load(tiny(), tmp_path / "c")
+    assert isinstance(loaded.model.lm_head.lora["default"], TiedLoraWeights)
+    torch.testing.assert_close(loaded(input_ids=IDS).logits, expected, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("second, where", [(["embed_tokens"], "has LoRA on 'model.embed_tokens' alone"),
+                                           (["lm_head"], "has its own LoRA on 'lm_head'")])
+def test_combining_a_tied_adapter_with_one_on_either_module_alone_is_refused(second, where):
+    ours = two_adapters(second)
+    with pytest.raises(lorafit.errors.AdapterError, match=f"adapter 'o' {where}"):
+        ours.combine({"t": 1.0, "o": 1.0}, "c")
+    assert "c" not in ours.peft_config and "c" not in ours.model.lm_head.lora
