@@ -9,11 +9,12 @@ from torch import nn
 
 import lorafit
 from lorafit.errors import AdapterFileError, ConfigError, TargetError
+from lorafit.adapter_files.report import describe_adapter, format_report
 from lorafit.kinds.parameter import LoraParameter
 
 import peft
 from peft import PeftModel
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import GptOssConfig, GptOssForCausalLM, MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, \
     Qwen3MoeForCausalLM
 
@@ -202,3 +203,35 @@ def test_a_file_with_the_wrong_rank_is_refused_before_the_model_changes(tmp_path
     with pytest.raises(AdapterFileError, match="rank"):
         lorafit.load(base, tmp_path)
     assert not any(isinstance(m, LoraParameter) for m in base.modules())
+
+
+@pytest.mark.parametrize("saved_by", ["lorafit", "peft"])
+def test_inspect_gives_each_parameter_its_pattern_rank_and_names_a_wrong_tensor(tmp_path, saved_by):
+    torch.manual_seed(0)
+    base = MixtralForCausalLM(MixtralConfig(**{**SMALL, "num_hidden_layers": 3}, num_local_experts=3)).eval()
+    kwargs = dict(r=2, target_parameters=EXPERTS, rank_pattern={"down_proj": 3})
+    if saved_by == "peft":
+        peft.get_peft_model(base, peft.LoraConfig(**kwargs)).save_pretrained(tmp_path)
+    else:
+        lorafit.wrap(base, lorafit.LoraConfig(**kwargs)).save_adapter(tmp_path)
+    report = describe_adapter(tmp_path)
+    assert report["ok"], report["checks"]
+    experts = "model.layers.0.mlp.experts"  # gate_up_proj is registered first: the inner layer
+    assert report["parameter_targets"][experts + ".base_layer"] == \
+        {"parameter": experts + ".gate_up_proj", "rank": 2, "experts": 3}
+    assert report["parameter_targets"][experts] == {"parameter": experts + ".down_proj", "rank": 3, "experts": 3}
+    text = format_report(report)
+    assert "r=2 on 3 modules, r=3 on 3 modules" in text and "gate_up_proj x3, down_proj x3" in text
+
+    path = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(path)
+    prefix = "base_model.model.model.layers."
+    tensors[prefix + "0.mlp.experts.lora_A.weight"] = torch.zeros(10, 8)  # one row too many
+    tensors[prefix + "1.mlp.experts.lora_A.weight"] = torch.zeros(6, 8)  # down_proj saved with r = 2
+    tensors[prefix + "1.mlp.experts.lora_B.weight"] = torch.zeros(16, 6)
+    save_file(tensors, path, metadata={"format": "pt"})
+    failed = [text for ok, text in describe_adapter(tmp_path)["checks"] if not ok]
+    assert len(failed) == 3, failed
+    assert f"{prefix}0.mlp.experts.lora_A.weight' has shape (10, 8), expected (9, 8)" in failed[0]
+    assert f"{prefix}1.mlp.experts.lora_A.weight' has shape (6, 8), expected (9, 8)" in failed[1]
+    assert "rank 3 of model.layers.1.mlp.experts.down_proj from adapter_config.json, 3 experts" in failed[1]

@@ -251,11 +251,13 @@ def lora_factors(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, tuple[
     return factors
 
 
-def shape_problems(adapter: AdapterDir, rank_for: Optional[Callable[[str], int]] = None) -> list[str]:
+def shape_problems(adapter: AdapterDir, rank_for: Optional[Callable[[str], int]] = None,
+                   rank_why: Optional[Callable[[str], Optional[str]]] = None) -> list[str]:
     """Every LoRA factor whose shape is not the expected one, as ``"tensor K has shape S,
     expected E (why)"``.
 
-    The rank is ``rank_for(module)`` (the config's) when given, else A and B must agree on it.
+    The rank is ``rank_for(module)`` (the config's) when given, else A and B must agree on it;
+    ``rank_why(module)``, when given and not None, says where that rank comes from.
     The other sizes come from the base weight shape W recorded in lorafit's fingerprint, when
     there is one: ``A [r, *W[1:]]``, ``B [W[0], r, 1, …]``; for embeddings and fan_in_fan_out
     layers (W stored [in, out]) ``A [r, W[0]]``, ``B [W[1], r]``.
@@ -275,7 +277,7 @@ def shape_problems(adapter: AdapterDir, rank_for: Optional[Callable[[str], int]]
         weight = base_shapes.get(module)
         transposed = transposed_layers or a_key.endswith("lora_embedding_A")
         expected = _expected_factor_shapes(A, B, r, weight, transposed)
-        why = f"rank {r} from {CONFIG_NAME}" if rank_for else f"rank {r}"
+        why = (rank_why and rank_why(module)) or (f"rank {r} from {CONFIG_NAME}" if rank_for else f"rank {r}")
         why += f", base weight {tuple(weight)} recorded in the fingerprint" if weight else ""
         for key, tensor, shape in ((a_key, A, expected[0]), (b_key, B, expected[1])):
             if tuple(tensor.shape) != shape:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import warnings
 from collections import Counter
@@ -13,6 +14,7 @@ from ..atomic import PathLike
 from ..combine import METADATA_KEY as COMBINED_KEY
 from ..config import LoraConfig
 from ..errors import ConfigError
+from ..kinds.parameter import layer_path, parameter_rank, pattern_key
 from ..registry import find_init
 from ..surgery import has_suffix
 from .fingerprints import describe
@@ -29,12 +31,14 @@ def describe_adapter(path: PathLike, allow_pickle: bool = False) -> dict[str, An
     keys, integer or non-finite LoRA tensors) raise `AdapterFileError`; findings that look wrong,
     including factor shapes that do not fit the config's ranks or the recorded base weights, are
     listed under ``checks`` as ``(ok, text)``. ``combined`` is how `lorafit combine` made the
-    adapter (its saved metadata), or None.
+    adapter (its saved metadata), or None; ``parameter_targets`` gives each target_parameters
+    layer's parameter, rank and expert count.
     """
     adapter = read_adapter_dir(path, allow_pickle=allow_pickle)
     config, extras, checks = _config_checks(adapter)
     factors = lora_factors(adapter.tensors)
-    checks += _shape_checks(adapter, config, factors)
+    parameters = _parameter_targets(config, factors)
+    checks += _shape_checks(adapter, config, factors, parameters)
     tying, tying_checks = _tying(adapter, config, factors)
     checks += tying_checks
     checks += _file_checks(adapter)
@@ -52,8 +56,11 @@ def describe_adapter(path: PathLike, allow_pickle: bool = False) -> dict[str, An
         "config": config.to_dict(),
         "scaling": config.scaling_for(""),
         "modules": sorted(factors),
-        "module_counts": dict(Counter(m.rsplit(".", 1)[-1] for m in factors)),
-        "ranks": dict(sorted(Counter(pair["A"][1].shape[0] for pair in factors.values() if "A" in pair).items())),
+        "module_counts": dict(Counter(parameters[m]["parameter"].rsplit(".", 1)[-1] if m in parameters
+                                      else m.rsplit(".", 1)[-1] for m in factors)),
+        "ranks": dict(sorted(Counter(parameters[m]["rank"] if m in parameters else pair["A"][1].shape[0]
+                                     for m, pair in factors.items() if "A" in pair).items())),
+        "parameter_targets": parameters,
         "other_tensors": sorted(strip_prefix(k) for k in adapter.tensors if split_lora_key(k) is None),
         "parameters": {"total": lora_params + other, "lora": lora_params, "other": other},
         "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in adapter.tensors.values()}),
@@ -83,18 +90,28 @@ def _config_checks(adapter: AdapterDir) -> tuple[LoraConfig, dict[str, Any], lis
     return config, extras, checks
 
 
-def _shape_checks(adapter: AdapterDir, config: LoraConfig,
-                  factors: dict[str, dict[str, tuple[str, Any]]]) -> list[tuple[bool, str]]:
-    """Missing partners, and factor shapes against the config's ranks and the recorded base
-    weights. A wrong shape under a matching checksum was saved that way (the checksum would
-    have caught a later change)."""
+def _shape_checks(adapter: AdapterDir, config: LoraConfig, factors: dict[str, dict[str, tuple[str, Any]]],
+                  parameters: dict[str, dict[str, Any]]) -> list[tuple[bool, str]]:
+    """Missing partners, and factor shapes against the config's ranks (r·E rows on a
+    target_parameters layer, `_parameter_targets`) and the recorded base weights. A wrong shape
+    under a matching checksum was saved that way (the checksum would have caught a later change)."""
     if not factors:
         return [(False, "no LoRA tensors")]
     checks = [(False, f"{module}: has {next(iter(pair))} but no {'B' if 'A' in pair else 'A'}")
               for module, pair in sorted(factors.items()) if len(pair) != 2]
     origin = ("the file was saved this way: its checksum matches" if META_CHECKSUM in adapter.metadata
               else "no checksum recorded")
-    problems = shape_problems(adapter, lambda module: _stacked_rank(config, factors, module))
+
+    def rank_for(module: str) -> int:
+        target = parameters.get(module)
+        return target["rank"] * target["experts"] if target else config.rank_for(module)
+
+    def rank_why(module: str) -> Optional[str]:
+        target = parameters.get(module)
+        return (f"rank {target['rank']} of {target['parameter']} from {CONFIG_NAME}, {target['experts']} experts"
+                if target else None)
+
+    problems = shape_problems(adapter, rank_for, rank_why)
     checks += [(False, f"{problem}; {origin}") for problem in problems]
     if not problems:
         sizes = ("and the base weight shapes recorded in the fingerprint" if (adapter.fingerprint or {}).get("weights")
@@ -103,16 +120,53 @@ def _shape_checks(adapter: AdapterDir, config: LoraConfig,
     return checks
 
 
-def _stacked_rank(config: LoraConfig, factors: dict[str, dict[str, tuple[str, Any]]], module: str) -> int:
-    """The rank the config gives `module`: r, or r·E on a target_parameters target holding E
-    stacked experts (``experts`` or ``experts.base_layer``; E read from A's rows, a multiple of r)."""
-    r = config.rank_for(module)
-    owner = module
-    while owner.endswith(".base_layer"):
-        owner = owner.removesuffix(".base_layer")
-    targets = [entry.rpartition(".")[0] for entry in config.target_parameters or []]
-    rows = factors[module]["A"][1].shape[0] if "A" in factors.get(module, {}) else r
-    return rows if has_suffix(owner, targets) and rows % r == 0 else r
+def _parameter_targets(config: LoraConfig, factors: dict[str, dict[str, tuple[str, Any]]]
+                       ) -> dict[str, dict[str, Any]]:
+    """Each target_parameters layer of the file: ``{"parameter": "path.name", "rank": r,
+    "experts": E}``, its A [r·E, in] and B [out, r·E] (`lorafit.kinds.parameter`).
+
+    Without the model two things are read from the factors, as the choice that most of the
+    file's parameter layers fit (the smaller E on a tie): E (transformers' MoE blocks all have
+    the same), and, for modules with several targeted parameters, the order the module registers
+    them in (the first one's layer is innermost; one order per set of names, as a module class
+    has one). A layer that fits no choice is checked against the best one, so it is named."""
+    entries = [entry.rpartition(".") for entry in config.target_parameters or []]
+    modules: dict[str, tuple[str, ...]] = {}  # module path -> its targeted parameters' names
+    for layer in factors:
+        owner = layer
+        while owner.endswith(".base_layer"):
+            owner = owner.removesuffix(".base_layer")
+        names = tuple(dict.fromkeys(name for prefix, _, name in entries if has_suffix(owner, [prefix])))
+        if names:
+            modules[owner] = names
+
+    def rows(layer: str) -> set[int]:  # r·E as A and B give it
+        pair = factors.get(layer, {})
+        return {t.shape[0] if k == "A" else t.shape[1] for k, (_, t) in pair.items() if t.dim() > 1}
+
+    def targets(owner: str, order: tuple[str, ...]) -> dict[str, tuple[str, int]]:  # layer -> (parameter, r)
+        return {layer_path(owner, i, len(order)): (pattern_key(owner, name), parameter_rank(config, owner, name))
+                for i, name in enumerate(order) if layer_path(owner, i, len(order)) in factors}
+
+    def fits(owners: list[str], order: tuple[str, ...], experts: int) -> int:
+        return sum(rows(layer) == {r * experts} for owner in owners for layer, (_, r) in targets(owner, order).items())
+
+    kinds = {names: [owner for owner in modules if modules[owner] == names] for names in set(modules.values())}
+    counts = {n // r for names, owners in kinds.items() for owner in owners for order in itertools.permutations(names)
+              for layer, (_, r) in targets(owner, order).items() for n in rows(layer) if n % r == 0 and n >= r}
+
+    def best_order(names: tuple[str, ...], experts: int) -> tuple[str, ...]:
+        return max(itertools.permutations(names), key=lambda order: fits(kinds[names], order, experts))
+
+    experts = max(sorted(counts) or [1], key=lambda e: sum(fits(owners, best_order(names, e), e)
+                                                           for names, owners in kinds.items()))
+    found = {}
+    for names, owners in kinds.items():
+        order = best_order(names, experts)
+        for owner in owners:
+            found.update({layer: {"parameter": key, "rank": r, "experts": experts}
+                          for layer, (key, r) in targets(owner, order).items()})
+    return dict(sorted(found.items()))
 
 
 def _tying(adapter: AdapterDir, config: LoraConfig, factors: dict[str, dict[str, tuple[str, Any]]]

@@ -185,14 +185,13 @@ def find_parameter_targets(config, root: nn.Module) -> list[SourceTarget]:
             if len(shape) not in (2, 3):
                 raise ConfigError(f"LoraConfig.target_parameters: {path}.{name} has shape {shape}; "
                                   f"expected a 2-D [out, in] or 3-D [experts, out, in] parameter")
-            layer_path = path + ".base_layer" * (len(names) - 1 - i)
             probe = chain[i] if chain else LoraParameter(base, name)  # for the shapes; not placed
-            key = f"{path}.{name}"  # rank_pattern / alpha_pattern match the parameter's name, as in PEFT
-            r = config.rank_for(key)
+            r = parameter_rank(config, path, name)
             a_shape, b_shape = probe.factor_shapes(r)
-            add = functools.partial(_add, r=r, scaling=config.scaling_for(key), init=config.init_lora_weights)
+            add = functools.partial(_add, r=r, scaling=config.scaling_for(pattern_key(path, name)),
+                                    init=config.init_lora_weights)
             make = None if chain else functools.partial(LoraParameter, parameter_name=name)
-            found.append(SourceTarget(layer_path, path, make, add, {"A": a_shape, "B": b_shape},
+            found.append(SourceTarget(layer_path(path, i, len(names)), path, make, add, {"A": a_shape, "B": b_shape},
                                       ParameterWeights.file_keys))
     missing = [e for e in wanted if e not in matched]
     if missing:
@@ -200,6 +199,23 @@ def find_parameter_targets(config, root: nn.Module) -> list[SourceTarget]:
                           f"{type(root).__name__} (write them as '<module path or suffix>.<parameter>', "
                           f"e.g. 'experts.gate_up_proj')")
     return found
+
+
+def pattern_key(path: str, name: str) -> str:
+    """What rank_pattern / alpha_pattern keys match for parameter `name` of the module at
+    `path`: the parameter's name ``path.name``, not its layer's (as in PEFT)."""
+    return f"{path}.{name}"
+
+
+def parameter_rank(config, path: str, name: str) -> int:
+    """The rank `config` gives parameter `name` of the module at `path` (A has rank·E rows)."""
+    return config.rank_for(pattern_key(path, name))
+
+
+def layer_path(path: str, index: int, count: int) -> str:
+    """The layer path of the `index`-th of the `count` targeted parameters of the module at
+    `path`, in the order the module registers them: the first one's layer is the innermost."""
+    return path + ".base_layer" * (count - 1 - index)
 
 
 def _add(layer: LoraParameter, name: str, r: int, scaling: float, init) -> None:
