@@ -8,8 +8,9 @@ LoRA r=16, alpha=32 on every linear layer, no dropout; DPO ``sigmoid`` with β =
 the base model (the adapter disabled, on both sides: TRL's default with a PEFT model); batch 8,
 lr 1e-4 with 3 warmup steps and cosine decay, max length 512 (pairs whose prompt alone is longer
 are dropped by both), one epoch, fp32. TRL runs without gradient checkpointing (its default is
-on; lorafit does not checkpoint either) and computes reference log-probs on the fly, as lorafit
-does (`train.precompute_reference` off; see the README for the comparison of the two).
+on, for every decoder block: less memory, more time), lorafit with ``model.gradient_checkpointing:
+mlp`` (only the MLPs' activations are recomputed); both compute reference log-probs on the fly
+(`train.precompute_reference` off; see the README for the comparison of the two).
 
 Each side does the whole job inside the timer: load model and tokenizer, tokenize, train one
 epoch, save the adapter. The held-out reward accuracy and margin are computed after the timer by
@@ -61,7 +62,7 @@ def _train_lorafit(workdir: Path, out: Path) -> tuple[int, Path]:
     from lorafit.train import run_config, train
 
     summary = train(run_config({
-        "model": {"name_or_path": str(workdir / "model"), "dtype": "fp32"},
+        "model": {"name_or_path": str(workdir / "model"), "dtype": "fp32", "gradient_checkpointing": "mlp"},
         "lora": {"r": HYPER["r"], "lora_alpha": HYPER["alpha"], "lora_dropout": 0.0, "target_modules": "all-linear"},
         "data": {"train_file": str(workdir / "train.jsonl"), "format": "preference",
                  "max_length": HYPER["max_length"], "on_bad_record": "skip"},
