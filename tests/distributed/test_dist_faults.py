@@ -87,3 +87,21 @@ def test_an_output_directory_that_cannot_exist_is_named(tmp_path, dist_config):
     with pytest.raises(TrainingError, match=f"cannot write {run}: Not a directory"):
         train(run_config(dist_config(run)))
     assert time.monotonic() - started < 5  # refused before the model is loaded
+
+
+@pytest.mark.parametrize("failed", [False, True])
+def test_a_stop_signal_while_a_session_closes_waits_for_the_close(failed):
+    """torchrun's SIGTERM to the survivors of a dead worker arrives while they close their session:
+    it must not end a failed rank before its error is out; after a clean run it takes effect."""
+    from lorafit.train import distributed
+
+    seen = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    try:
+        with distributed._stop_signals_held(drop=failed):
+            signal.raise_signal(signal.SIGTERM)
+            assert seen == []  # held
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert seen == ([] if failed else [signal.SIGTERM])

@@ -43,6 +43,8 @@ import datetime
 import gc
 import os
 import re
+import signal
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar
 
@@ -261,10 +263,36 @@ def session(cfg: TrainConfig) -> Iterator[Group]:
     """`init` on entry, `close` on exit (also after an error). Drop the objects that hold the
     group (the model, under FSDP) before the block ends, so that `close` can free it."""
     group = init(cfg)
+    failed = True
     try:
         yield group
+        failed = False
     finally:
-        close(group)
+        with _stop_signals_held(drop=failed):
+            close(group)
+
+
+@contextlib.contextmanager
+def _stop_signals_held(drop: bool) -> Iterator[None]:
+    """SIGINT and SIGTERM wait until the block ends: then they take effect, or, when `drop` (an
+    error is on its way out), are dropped.
+
+    A failed rank's error must reach its output before the process ends: when one worker dies,
+    torchrun sends SIGTERM to the others, which arrives while the survivor closes its session,
+    and the default handler would end it there without a word of why."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = {signum: signal.signal(signum, lambda signum, frame: held.append(signum))
+                for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if held and not drop:
+        signal.raise_signal(held[0])
 
 
 # -- gradients ---------------------------------------------------------------------------------

@@ -249,8 +249,8 @@ class Trainer:
             self._print(self._evaluate())
         progress = Progress(self.total, initial=state.step, stream=None if self.main else io.StringIO(),
                             log_every=cfg.log_every, elapsed_s=state.elapsed_s)
-        try:
-            with self._stop_signals():
+        with self._stop_signals():  # also around the error handling: a SIGTERM must not cut it short
+            try:
                 plan, plan_epoch = None, None
                 while state.step < self.total and not self._early_stopped():
                     if plan_epoch != state.epoch:
@@ -281,15 +281,15 @@ class Trainer:
                 if self.eval_set is not None and state.last_eval_step != state.step:
                     self._print(self._evaluate())
                 return self._finish()
-        except RuntimeError as exc:
-            lost = self.group.lost(exc)  # a collective inside the model (FSDP) failed
-            if lost is None:
-                raise
-            raise self._stopped_by(lost) from None
-        except distributed.PeerLost as exc:
-            raise self._stopped_by(exc) from None
-        finally:
-            progress.close()
+            except RuntimeError as exc:
+                lost = self.group.lost(exc)  # a collective inside the model (FSDP) failed
+                if lost is None:
+                    raise
+                raise self._stopped_by(lost) from None
+            except distributed.PeerLost as exc:
+                raise self._stopped_by(exc) from None
+            finally:
+                progress.close()
 
     def _plan(self, epoch: int) -> list[list[int]]:
         return batch_plan(self.lengths, self.cfg.train.batch_size, self.cfg.data.shuffle_seed, epoch,
