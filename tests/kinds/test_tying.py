@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import lorafit
+from lorafit.adapter_files import AdapterFileWarning
 from lorafit.adapter_files.report import describe_adapter, format_report
 from lorafit.kinds.tying import TiedLoraWeights
 
@@ -84,6 +85,10 @@ def test_fresh_adapter_is_tied_and_peft_loads_it(tmp_path, kwargs):
     ours.save_adapter(tmp_path)
     back = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
     torch.testing.assert_close(back(input_ids=IDS).logits, ours(input_ids=IDS).logits, atol=1e-5, rtol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AdapterFileWarning)  # the fingerprint covers the same modules both ways
+        again = lorafit.load(copy.deepcopy(base), tmp_path, strict=True)
+    torch.testing.assert_close(again(input_ids=IDS).logits, ours(input_ids=IDS).logits, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("kwargs", [CASES[0], CASES[3]])

@@ -20,6 +20,8 @@ from torch import nn
 from ..errors import AdapterFileError
 from ..layers import LoraLayer
 from ..quant import dequantize_weight, is_quantized_linear
+from ..registry import prepared_config
+from ..surgery import module_target_paths
 from .tensorfile import tensor_bytes
 
 SAMPLE = 1024
@@ -52,6 +54,15 @@ def fingerprint(root: nn.Module, module_paths: Iterable[str]) -> dict[str, Any]:
         "weights": shapes,
         "sample_sha256": digest.hexdigest() if hashable else None,
     }
+
+
+def fingerprinted_paths(root: nn.Module, config: Any) -> list[str]:
+    """The modules whose base weights an adapter's fingerprint covers, the same on saving and
+    loading: those the (prepared) config's target_modules selects. The layers of the other
+    target sources are left out: target_parameters and trainable tokens, and an output head
+    whose LoRA is the embedding's (``ensure_weight_tying``), which an adapter file does not name
+    as a target."""
+    return sorted(module_target_paths(root, prepared_config(config, root)))
 
 
 def differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

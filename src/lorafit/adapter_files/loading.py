@@ -131,7 +131,7 @@ def _plan(root: nn.Module, adapter: AdapterDir, config: LoraConfig, extras: dict
                                    f"{adapter.config_file.name} match the file?)")
         tensor = remaining.pop(key)
         result.base.append((_base_parameter(adapter, root, config, key, tensor), tensor))
-    _check_fingerprint(adapter, root, config, [path for path, _ in targets], strict)
+    _check_fingerprint(adapter, root, config, strict)
     return result
 
 
@@ -301,15 +301,14 @@ def _embedding_modules(root: nn.Module) -> list[nn.Module]:
     return [m for m in found if m is not None]
 
 
-def _check_fingerprint(adapter: AdapterDir, root: nn.Module, config: LoraConfig, paths: list[str],
-                       strict: bool) -> None:
+def _check_fingerprint(adapter: AdapterDir, root: nn.Module, config: LoraConfig, strict: bool) -> None:
     """Compare with the saved fingerprint. Adapters whose initialisation rewrites the base
     (PiSSA, OLoRA: `InitScheme.rewrites_base`) were saved over the rewritten base, and loading
     rewrites it again, so only their shapes are compared."""
     saved = adapter.fingerprint
     if not saved:
         return
-    current = fp.fingerprint(root, paths)
+    current = fp.fingerprint(root, fp.fingerprinted_paths(root, config))
     if find_init(config.init_lora_weights).rewrites_base:
         current["sample_sha256"] = None
     found = fp.differences(saved, current)

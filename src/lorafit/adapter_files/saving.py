@@ -19,8 +19,6 @@ from torch import Tensor
 
 from ..atomic import PathLike, atomic_write_files
 from ..errors import AdapterError, AdapterFileError
-from ..kinds.parameter import LoraParameter
-from ..kinds.tokens import LoraTokens
 from ..layers import ModulesToSave
 from ..quant import describe_quantization, float_dtype
 from ..version import __version__
@@ -67,7 +65,7 @@ def save_adapter(model: "LoraModel", path: PathLike, adapter_names: Optional[Seq
 def _save_one(model: "LoraModel", name: str, directory: Path, metadata: Optional[Mapping[str, Any]]) -> None:
     config = model.peft_config[name]
     record = file_record(model, name)
-    tensors, paths = _adapter_tensors(model, name)
+    tensors = _adapter_tensors(model, name)
     overrides: dict[str, Any] = {
         "base_model_name_or_path": config.base_model_name_or_path or getattr(model.model, "name_or_path", None) or None,
         "fan_in_fan_out": any(getattr(layer, "fan_in_fan_out", False) for _, layer in model.lora_layers()
@@ -93,7 +91,7 @@ def _save_one(model: "LoraModel", name: str, directory: Path, metadata: Optional
         META_VERSION: __version__,
         META_CONFIG: config_text,
         META_CHECKSUM: tensors_checksum(tensors),
-        META_FINGERPRINT: json.dumps(fp.fingerprint(model.model, paths), sort_keys=True),
+        META_FINGERPRINT: json.dumps(fp.fingerprint(model.model, fp.fingerprinted_paths(model.model, config)), sort_keys=True),
     }
     previous = directory / CONFIG_NAME
     if previous.is_file():
@@ -113,17 +111,13 @@ def _save_one(model: "LoraModel", name: str, directory: Path, metadata: Optional
         raise AdapterFileError(f"{directory}: cannot write the adapter ({exc})") from None
 
 
-def _adapter_tensors(model: "LoraModel", name: str) -> tuple[dict[str, Tensor], list[str]]:
-    """PEFT-named CPU copies of adapter `name`'s tensors, and the paths of its LoRA layers on
-    modules (those the base-model fingerprint covers)."""
+def _adapter_tensors(model: "LoraModel", name: str) -> dict[str, Tensor]:
+    """PEFT-named CPU copies of adapter `name`'s tensors."""
     config = model.peft_config[name]
     tensors: dict[str, Tensor] = {}
-    paths = []
     for path, layer in model.lora_layers():
         if name not in layer.lora:
             continue
-        if not isinstance(layer, (LoraParameter, LoraTokens)):  # the fingerprint covers target_modules' targets
-            paths.append(path)
         weights = layer.lora[name]
         names = tensor_keys(layer, type(weights))
         for param, value in weights.named_parameters():
@@ -142,7 +136,7 @@ def _adapter_tensors(model: "LoraModel", name: str) -> tuple[dict[str, Tensor], 
             inside_copy = ".modules_to_save." in f".{key}" or ".original_module." in f".{key}"
             if key.rpartition(".")[2] == "bias" and not inside_copy and ".lora." not in f".{key}":
                 tensors[f"{PREFIX}{key}"] = _cpu_copy(value)
-    return tensors, paths
+    return tensors
 
 
 def _cpu_copy(tensor: Tensor) -> Tensor:
