@@ -45,7 +45,12 @@ def peft_model(base, kwargs):
     return model
 
 
-@pytest.mark.parametrize("kwargs", CASES)
+# the head's scaling comes from its own rank/alpha pattern entries, its factors from the embedding
+PATTERNS = dict(target_modules=["embed_tokens", "q_proj"], lora_alpha=8, rank_pattern={"lm_head": 4},
+                alpha_pattern={"lm_head": 32, "embed_tokens": 3})
+
+
+@pytest.mark.parametrize("kwargs", CASES + [PATTERNS])
 def test_files_and_logits_match_peft_both_ways(tmp_path, kwargs):
     base = tiny()
     reference = peft_model(base, kwargs)
