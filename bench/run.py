@@ -50,7 +50,6 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results.json"
 README = ROOT / "README.md"
-TABLE_START, TABLE_END = "<!-- bench:start -->", "<!-- bench:end -->"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MOE_TARGETS = ["experts.gate_up_proj", "experts.down_proj"]
 
@@ -576,12 +575,13 @@ def main(argv=None) -> int:
 
 
 def publish(results: dict, out: Path, readme: bool) -> None:
-    """Print the table of `results` and write it next to `out` (.md) and, with `readme`, into the README."""
+    """Print the table of `results` and write it next to `out` (.md) and, with `readme`, into the
+    README between the markers of `out` (`readme_markers`)."""
     table = render_table(results)
     out.with_suffix(".md").write_text(table + "\n")
     print(table)
     if readme:
-        update_readme(table)
+        update_readme(table, *readme_markers(out))
 
 
 def _machine() -> dict:
@@ -741,15 +741,23 @@ def _notes(results: dict) -> list[str]:
     return notes
 
 
-def update_readme(table: str) -> None:
+def readme_markers(out: Path) -> tuple[str, str]:
+    """The README comments around the table of results file `out`: ``<!-- bench:start -->`` for
+    bench/results.json, ``<!-- bench:STEM:start -->`` for any other (a partial run's own table)."""
+    tag = "bench" if out.resolve() == RESULTS.resolve() else f"bench:{out.stem}"
+    return f"<!-- {tag}:start -->", f"<!-- {tag}:end -->"
+
+
+def update_readme(table: str, start: str, end: str) -> None:
+    """Replace what the README holds between `start` and `end` with `table` (nothing without them)."""
     if not README.exists():
         return
     text = README.read_text()
-    if TABLE_START not in text:
+    if start not in text:
         return
-    head, rest = text.split(TABLE_START, 1)
-    _, tail = rest.split(TABLE_END, 1)
-    README.write_text(f"{head}{TABLE_START}\n{table}\n{TABLE_END}{tail}")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    README.write_text(f"{head}{start}\n{table}\n{end}{tail}")
 
 
 if __name__ == "__main__":

@@ -46,3 +46,22 @@ def test_the_benchmark_runs_at_tiny_size(tmp_path):
     assert table.strip() in done.stdout
     if readme is not None:  # --no-readme leaves the README alone
         assert (ROOT / "README.md").read_bytes() == readme
+
+
+def test_a_partial_run_fills_its_own_readme_section(tmp_path, monkeypatch):
+    """``--out NAME.json`` renders into ``<!-- bench:NAME:start -->``, leaving the main table alone."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_run", ROOT / "bench" / "run.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_run", bench)  # its dataclasses look their module up
+    spec.loader.exec_module(bench)
+    readme = tmp_path / "README.md"
+    readme.write_text("a\n<!-- bench:start -->\nmain\n<!-- bench:end -->\nb\n"
+                      "<!-- bench:part:start -->\nold\n<!-- bench:part:end -->\nc\n")
+    monkeypatch.setattr(bench, "README", readme)
+    results = json.loads((ROOT / "bench" / "precision-results.json").read_text())
+    bench.publish(results, tmp_path / "part.json", readme=True)
+    table = (tmp_path / "part.md").read_text().strip()
+    assert readme.read_text() == ("a\n<!-- bench:start -->\nmain\n<!-- bench:end -->\nb\n"
+                                  f"<!-- bench:part:start -->\n{table}\n<!-- bench:part:end -->\nc\n")
