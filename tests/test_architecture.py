@@ -192,6 +192,25 @@ def test_a_variant_is_one_file(toy_variant, tmp_path):
     torch.testing.assert_close(merged(x), y, rtol=1e-5, atol=1e-5)
 
 
+def test_a_variant_is_refused_by_name_where_it_cannot_apply(toy_variant, tmp_path):
+    """Features that only know plain LoRA refuse the dropped-in variant by its field rather than
+    building or writing plain factors: LoRA on bare parameters, and llama.cpp's adapter GGUF."""
+    base = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    with pytest.raises(lorafit.ConfigError, match=r"kasa_config = \{'on': True\} cannot be used with target_parameters"):
+        lorafit.wrap(base, LoraConfig(r=2, target_parameters=["0.weight"], kasa_config={"on": True}))
+    assert not any(isinstance(m, lorafit.layers.LoraLayer) for m in base.modules())
+    pytest.importorskip("gguf")
+    from lorafit.errors import ExportError
+    from lorafit.export import adapter_to_gguf
+    from lorafit.testing import tiny_llama
+
+    model = lorafit.wrap(tiny_llama(vocab_size=64, hidden=16, layers=1, heads=2),
+                         LoraConfig(r=2, target_modules=["q_proj"], kasa_config={"on": True}))
+    with pytest.raises(ExportError, match="kasa_config.*Export the merged model"):
+        adapter_to_gguf(model, tmp_path / "a.gguf")
+    assert not (tmp_path / "a.gguf").exists()
+
+
 def test_without_the_variant_file_its_field_is_refused():
     with pytest.raises(lorafit.ConfigError, match=r"kasa_config = \{'on': True\} \(KaSA"):
         LoraConfig(kasa_config={"on": True})

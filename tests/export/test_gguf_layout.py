@@ -252,6 +252,17 @@ def test_adapter_only_refuses_what_llama_cpp_cannot_apply(llama, tmp_path, field
     assert not (tmp_path / "a.gguf").exists()
 
 
+@pytest.mark.parametrize("field", sorted(v.field for v in lorafit.registry.extensions().variants))
+def test_adapter_only_refuses_every_variant_by_name(llama, tmp_path, field):
+    """llama.cpp applies plain LoRA only: a config selecting any variant is refused by its field."""
+    _, base, adapter = llama
+    model = lorafit.load(copy.deepcopy(base), adapter)
+    setattr(model.peft_config["default"], field, True)
+    with pytest.raises(ExportError, match=f"the {field} variant .*merged model"):
+        adapter_to_gguf(model, tmp_path / "a.gguf")
+    assert not (tmp_path / "a.gguf").exists()
+
+
 def test_adapter_only_refuses_dora_and_embedding_adapters(llama, tmp_path):
     _, base, _ = llama
     dora = lorafit.wrap(copy.deepcopy(base), lorafit.LoraConfig(target_modules=["q_proj"], use_dora=True))

@@ -47,8 +47,10 @@ import torch
 from torch import Tensor, nn
 
 from ..atomic import PathLike, atomic_write_files
+from ..config import FEATURES
 from ..errors import ExportError
 from ..model import LoraModel
+from ..registry import selected_variant
 from .gguf_vocab import GgufVocab, gguf_vocab
 
 # --outtype -> (GGML type of the 2-D weights, general.file_type)
@@ -83,11 +85,10 @@ ARCHITECTURES = {
     "mistral": Architecture(gguf.MODEL_ARCH.LLAMA, rope_permute=True),
     "qwen2": Architecture(gguf.MODEL_ARCH.QWEN2, rope_permute=False),
 }
-# Adapter features llama.cpp cannot apply at load time: LoraConfig field -> what it is.
+# Adapter features llama.cpp cannot apply at load time: LoraConfig field -> what it is. Every
+# variant of the adapter maths (DoRA, lora_bias, ...: `lorafit.registry.Variant`) is refused too.
 ADAPTER_ONLY_REFUSALS = {
-    "use_dora": "DoRA (a magnitude vector rescales W + ΔW)",
     "modules_to_save": "modules_to_save (whole trained modules)",
-    "lora_bias": "lora_bias (a trained bias on lora_B)",
     "target_parameters": "target_parameters (adapters on bare parameters)",
     "trainable_token_indices": "trainable tokens (replaced embedding rows)",
     "layer_replication": "layer replication (a different layer stack)",
@@ -319,8 +320,8 @@ def adapter_to_gguf(model: LoraModel, out: PathLike, adapter_name: Optional[str]
     ``<weight>.lora_b`` = B_ℓ · s_ℓ · r_ℓ / α [out, r_ℓ] (rows rope-permuted for q/k where the
     architecture needs it), and ``adapter.lora.alpha`` = α = ``lora_alpha``; llama.cpp adds
     ``(α / r_ℓ) · lora_b · lora_a`` = s_ℓ B_ℓ A_ℓ to W_ℓ. Raises `ExportError` for what llama.cpp
-    cannot apply (DoRA, modules_to_save, embedding adapters, lora_bias, target_parameters,
-    trainable tokens, layer replication), suggesting the merged export.
+    cannot apply (any variant such as DoRA or lora_bias, modules_to_save, embedding adapters,
+    target_parameters, trainable tokens, layer replication), suggesting the merged export.
     """
     if not isinstance(model, LoraModel):
         raise ExportError(f"adapter_to_gguf takes a lorafit LoraModel, got {type(model).__name__}")
@@ -361,7 +362,10 @@ def adapter_to_gguf(model: LoraModel, out: PathLike, adapter_name: Optional[str]
 def _refuse_adapter_features(name: str, config: Any, layers: Sequence[tuple[str, Any]]) -> None:
     """`ExportError` naming every feature of adapter `name` that llama.cpp's LoRA loader lacks.
     Fields are read with getattr: a LoraConfig without the field does not use the feature."""
-    found = [what for field, what in ADAPTER_ONLY_REFUSALS.items() if getattr(config, field, None)]
+    variant = selected_variant(config)
+    found = [f"the {variant.field} variant ({FEATURES.get(variant.field, 'other adapter maths')}, which llama.cpp "
+             "does not apply)"] if variant else []
+    found += [what for field, what in ADAPTER_ONLY_REFUSALS.items() if getattr(config, field, None)]
     merged = [module for module, layer in layers if name in layer.merged]
     found += [f"an adapter on the embedding {module!r}" for module, layer in layers
               if isinstance(layer.base_layer, nn.Embedding)]

@@ -12,8 +12,9 @@ rows are expert-major, B's columns rank-major), and per expert
 
 A module marked ``is_transposed`` (GPT-OSS) stores W as [E, in, out] and gets ``ΔW[e] = s · (B_e A_e)ᵀ``.
 A 2-D W [out, in] is the E = 1 case, ``ΔW = s · B A`` as for a linear layer. Dropout would have
-to act on inputs inside the wrapped module, so lora_dropout must be 0 (as in PEFT); DoRA,
-lora_bias, fan_in_fan_out and the initialisations that read the base weight are refused too.
+to act on inputs inside the wrapped module, so lora_dropout must be 0 (as in PEFT); any variant
+(DoRA, lora_bias, ...), fan_in_fan_out and the initialisations that read the base weight are
+refused too.
 
 Two targeted parameters of one module nest: the one the module registers first is wrapped
 first, so its layer is the inner one (``experts.base_layer``) and the other the outer one
@@ -30,7 +31,7 @@ from torch.func import functional_call
 
 from ..errors import AdapterError, ConfigError, TargetError
 from ..layers import LoraLayer, LoraWeights
-from ..registry import SourceTarget, TargetSource, find_init
+from ..registry import SourceTarget, TargetSource, find_init, selected_variant
 from ..routing import Route, RowAdapters
 from ..surgery import has_suffix, module_target_paths, walk
 
@@ -223,10 +224,12 @@ def _add(layer: LoraParameter, name: str, r: int, scaling: float, init) -> None:
 
 
 def _check_config(config) -> None:
+    """Refuse, by its field, what a `LoraParameter` cannot do: dropout, any variant of the maths
+    (it builds plain `ParameterWeights`), fan_in_fan_out, inits that read the base weight."""
+    variant = selected_variant(config)
     refused = [(field, value) for field, value, ok in (
         ("lora_dropout", config.lora_dropout, config.lora_dropout == 0),
-        ("use_dora", config.use_dora, not config.use_dora),
-        ("lora_bias", config.lora_bias, not config.lora_bias),
+        *([(variant.field, getattr(config, variant.field), False)] if variant else []),
         ("fan_in_fan_out", config.fan_in_fan_out, not config.fan_in_fan_out),
         ("init_lora_weights", config.init_lora_weights, config.init_lora_weights in DEFAULT_INITS),
     ) if not ok]
