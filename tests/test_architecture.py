@@ -182,6 +182,10 @@ def test_a_variant_is_one_file(toy_variant, tmp_path):
 
     with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
         assert "base_model.model.0.lora_gain" in set(f.keys())
+    from lorafit.adapter_files.report import describe_adapter, format_report
+
+    report = describe_adapter(out)
+    assert report["variant"] == "kasa_config" and "   variant kasa_config   " in format_report(report)
     torch.manual_seed(0)
     fresh = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
     fresh.load_state_dict({k.replace("base_layer.", ""): v for k, v in model.model.state_dict().items()
@@ -196,7 +200,8 @@ def test_a_variant_is_refused_by_name_where_it_cannot_apply(toy_variant, tmp_pat
     """Features that only know plain LoRA refuse the dropped-in variant by its field rather than
     building or writing plain factors: LoRA on bare parameters, and llama.cpp's adapter GGUF."""
     base = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
-    with pytest.raises(lorafit.ConfigError, match=r"kasa_config = \{'on': True\} cannot be used with target_parameters"):
+    with pytest.raises(lorafit.ConfigError,
+                       match=r"kasa_config = \{'on': True\} cannot be used with target_parameters"):
         lorafit.wrap(base, LoraConfig(r=2, target_parameters=["0.weight"], kasa_config={"on": True}))
     assert not any(isinstance(m, lorafit.layers.LoraLayer) for m in base.modules())
     pytest.importorskip("gguf")

@@ -122,7 +122,9 @@ def test_rank_that_disagrees_with_the_config(saved):
 
 def test_dora_tensor_without_use_dora(saved):
     rewrite_tensors(saved, lambda t: t.update({f"{Q0}.lora_magnitude_vector": torch.ones(32)}))
-    assert "is not part of a plain LoRA adapter" in load_error(saved)
+    message = load_error(saved)
+    assert "is not part of a plain LoRA adapter" in message
+    assert all(v.field in message for v in lorafit.registry.extensions().variants)
 
 
 def test_truncated_safetensors(saved):

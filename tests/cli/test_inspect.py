@@ -12,7 +12,7 @@ def test_inspect_describes_the_adapter(llama_dirs, capsys):
     out = capsys.readouterr().out
     rows = dict(line.split(None, 1) if " " in line else (line, "") for line in out.splitlines()
                 if line and not line.startswith(" ") and not line.startswith(("base model", "other adapters")))
-    assert rows["r"].startswith("4   lora_alpha 8   scaling 2")
+    assert rows["r"].startswith("4   lora_alpha 8   scaling 2") and "   variant none   " in rows["r"]
     assert rows["targets"] == "6 modules: down_proj x2, q_proj x2, v_proj x2"
     assert rows["ranks"] == "r=2 on 2 modules, r=4 on 4 modules"
     # hidden 64, intermediate 128: q/v 2 layers x r4 x (64 + 64), down_proj 2 x r2 x (128 + 64)

@@ -20,8 +20,8 @@ from ..atomic import PathLike
 from ..config import LoraConfig
 from ..errors import AdapterError, AdapterFileError, ConfigError, TargetError
 from ..layers import LoraLayer, LoraWeights, ModulesToSave
-from ..registry import (SourceTarget, Variant, check_targets, find_init, find_kind, prepared_config, rewrites_of,
-                        selected_variant, target_sources)
+from ..registry import (SourceTarget, Variant, check_targets, extensions, find_init, find_kind, prepared_config,
+                        rewrites_of, selected_variant, target_sources)
 from ..surgery import find_modules_to_save, find_targets, unwrapped
 from . import fingerprints as fp
 from .keys import PREFIX, split_lora_key, strip_prefix, tensor_keys
@@ -125,9 +125,10 @@ def _plan(root: nn.Module, adapter: AdapterDir, config: LoraConfig, extras: dict
     for key in list(remaining):
         lora_key = split_lora_key(key)
         if lora_key is not None and lora_key[0] in result.lora:
-            kind = f"{variant.field} = True" if variant else "plain LoRA"
+            kind = f"{variant.field} = {getattr(config, variant.field)!r}" if variant else "plain LoRA"
+            variant_fields = ", ".join(v.field for v in extensions().variants)
             raise AdapterFileError(f"{adapter.weights_file}: tensor {key!r} is not part of a {kind} adapter on "
-                                   f"{lora_key[0]!r} (do the use_dora / lora_bias settings in "
+                                   f"{lora_key[0]!r} (do the variant settings ({variant_fields}) in "
                                    f"{adapter.config_file.name} match the file?)")
         tensor = remaining.pop(key)
         result.base.append((_base_parameter(adapter, root, config, key, tensor), tensor))

@@ -15,7 +15,7 @@ from ..combine import METADATA_KEY as COMBINED_KEY
 from ..config import LoraConfig
 from ..errors import ConfigError
 from ..kinds.parameter import layer_path, parameter_rank, pattern_key
-from ..registry import find_init
+from ..registry import find_init, selected_variant
 from ..surgery import has_suffix
 from .fingerprints import describe
 from .keys import split_lora_key, strip_prefix
@@ -32,10 +32,12 @@ def describe_adapter(path: PathLike, allow_pickle: bool = False) -> dict[str, An
     including factor shapes that do not fit the config's ranks or the recorded base weights, are
     listed under ``checks`` as ``(ok, text)``. ``combined`` is how `lorafit combine` made the
     adapter (its saved metadata), or None; ``parameter_targets`` gives each target_parameters
-    layer's parameter, rank and expert count.
+    layer's parameter, rank and expert count; ``variant`` is the config field of the variant of
+    the adapter maths it selects (``use_dora``, ``lora_bias``, ...), or None for plain LoRA.
     """
     adapter = read_adapter_dir(path, allow_pickle=allow_pickle)
     config, extras, checks = _config_checks(adapter)
+    variant = selected_variant(config)
     factors = lora_factors(adapter.tensors)
     parameters = _parameter_targets(config, factors)
     checks += _shape_checks(adapter, config, factors, parameters)
@@ -55,6 +57,7 @@ def describe_adapter(path: PathLike, allow_pickle: bool = False) -> dict[str, An
         "task_type": config.task_type,
         "config": config.to_dict(),
         "scaling": config.scaling_for(""),
+        "variant": variant.field if variant else None,
         "modules": sorted(factors),
         "module_counts": dict(Counter(parameters[m]["parameter"].rsplit(".", 1)[-1] if m in parameters
                                       else m.rsplit(".", 1)[-1] for m in factors)),
@@ -222,7 +225,7 @@ def format_report(report: dict[str, Any]) -> str:
         ("initialised", _init_text(report["initialised"])),
         ("task type", config["task_type"] or "(none)"),
         ("r", f"{config['r']}   lora_alpha {config['lora_alpha']}   scaling {report['scaling']:g}   "
-              f"rslora {_yes(config['use_rslora'])}   dora {_yes(config['use_dora'])}   bias {config['bias']}"),
+              f"rslora {_yes(config['use_rslora'])}   variant {report['variant'] or 'none'}   bias {config['bias']}"),
         ("rank_pattern", config["rank_pattern"] or None),
         ("alpha_pattern", config["alpha_pattern"] or None),
         ("target_modules", config["target_modules"]),
