@@ -29,6 +29,7 @@ from ..config import LoraConfig
 from ..data import DataConfig
 from ..dtypes import dtype_choice
 from ..errors import ConfigError
+from ..registry import find_init
 from ..schema import apply_overrides, from_dict, to_dict
 
 TASKS = ("auto", "causal_lm", "classification")
@@ -218,6 +219,11 @@ class RunConfig:
         if self.train.distributed == "fsdp" and self.model.quantize != "none":
             raise ConfigError(f"model.quantize = {self.model.quantize!r} cannot be combined with "
                               f"train.distributed = 'fsdp' (quantised weights do not shard); use 'ddp'")
+        if self.model.quantize != "none" and find_init(self.lora.init_lora_weights).rewrites_base:
+            raise ConfigError(f"lora.init_lora_weights = {self.lora.init_lora_weights!r} cannot be combined with "
+                              f"model.quantize = {self.model.quantize!r}: the base is quantised before the adapter "
+                              f"is made, and this initialisation computes the factors from the full-precision "
+                              f"weights and rewrites them; set model.quantize: none (or another init_lora_weights)")
         if self.task == "classification" and self.data.format != "classification":
             raise ConfigError(f"model.task = 'classification' needs data.format = 'classification', "
                               f"got {self.data.format!r}")
