@@ -125,6 +125,18 @@ class LoraConfig:
     loftq_iter); null uses the defaults."""
 
     def __post_init__(self) -> None:
+        """Validate every field, naming the first bad one, and normalise container fields to
+        fresh lists and dicts (the caller's containers are never changed)."""
+        self._check_scalars()
+        find_init(self.init_lora_weights)
+        _check_features(self)
+        check_init_settings(self)
+        self._check_flags()
+        self._normalise_targets()
+        self._normalise_layer_selection()
+        self._normalise_patterns()
+
+    def _check_scalars(self) -> None:
         _require(isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0,
                  "r", self.r, "a positive integer")
         _require(_is_number(self.lora_alpha) and self.lora_alpha > 0,
@@ -132,12 +144,16 @@ class LoraConfig:
         _require(_is_number(self.lora_dropout) and 0.0 <= self.lora_dropout < 1.0,
                  "lora_dropout", self.lora_dropout, "a number in [0, 1)")
         _require(self.bias in BIAS_MODES, "bias", self.bias, f"one of {list(BIAS_MODES)}")
-        find_init(self.init_lora_weights)
-        _check_features(self)
-        check_init_settings(self)
+
+    def _check_flags(self) -> None:
+        """The boolean fields are booleans, and at most one variant is selected."""
         for flag in ("fan_in_fan_out", "use_rslora", "use_dora", "lora_bias", "inference_mode", "ensure_weight_tying"):
             _require(isinstance(getattr(self, flag), bool), flag, getattr(self, flag), "true or false")
         selected_variant(self)
+
+    def _normalise_targets(self) -> None:
+        """target_parameters, trainable_token_indices, target_modules, exclude_modules and
+        modules_to_save: checked, lists made lists; ``target_modules = []`` means parameters only."""
         if self.target_parameters is not None:
             _require(isinstance(self.target_parameters, (list, tuple)) and self.target_parameters
                      and all(isinstance(p, str) and "." in p for p in self.target_parameters),
@@ -160,6 +176,9 @@ class LoraConfig:
                      and all(isinstance(m, str) and m for m in self.modules_to_save),
                      "modules_to_save", self.modules_to_save, "a list of module names")
             self.modules_to_save = list(self.modules_to_save)
+
+    def _normalise_layer_selection(self) -> None:
+        """layers_to_transform (an index or a list of them) and layers_pattern (a name or a list)."""
         if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
             self.layers_to_transform = [self.layers_to_transform]
         if self.layers_to_transform is not None:
@@ -174,6 +193,9 @@ class LoraConfig:
         if self.layers_pattern is not None:
             _require(self.layers_to_transform is not None, "layers_pattern", self.layers_pattern,
                      "to be used together with layers_to_transform")
+
+    def _normalise_patterns(self) -> None:
+        """rank_pattern and alpha_pattern: regex keys, positive values, copied to plain dicts."""
         for name, table, ok, what in (
             ("rank_pattern", self.rank_pattern, lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
              "positive integer ranks"),
