@@ -15,7 +15,7 @@ from typing import Any, Mapping, Optional, Union
 
 from .errors import ConfigError
 from .registry import check_init_settings, claimed_fields, find_init, selected_variant
-from .schema import check_keys
+from .schema import check_keys, is_int, is_number, require
 
 BIAS_MODES = ("none", "all", "lora_only")
 ALL_LINEAR = "all-linear"
@@ -137,73 +137,74 @@ class LoraConfig:
         self._normalise_patterns()
 
     def _check_scalars(self) -> None:
-        _require(isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0,
-                 "r", self.r, "a positive integer")
-        _require(_is_number(self.lora_alpha) and self.lora_alpha > 0,
-                 "lora_alpha", self.lora_alpha, "a positive number")
-        _require(_is_number(self.lora_dropout) and 0.0 <= self.lora_dropout < 1.0,
-                 "lora_dropout", self.lora_dropout, "a number in [0, 1)")
-        _require(self.bias in BIAS_MODES, "bias", self.bias, f"one of {list(BIAS_MODES)}")
+        require(is_int(self.r) and self.r > 0, "LoraConfig.r", self.r, "a positive integer")
+        require(is_number(self.lora_alpha) and self.lora_alpha > 0,
+                "LoraConfig.lora_alpha", self.lora_alpha, "a positive number")
+        require(is_number(self.lora_dropout) and 0.0 <= self.lora_dropout < 1.0,
+                "LoraConfig.lora_dropout", self.lora_dropout, "a number in [0, 1)")
+        require(self.bias in BIAS_MODES, "LoraConfig.bias", self.bias, f"one of {list(BIAS_MODES)}")
 
     def _check_flags(self) -> None:
         """The boolean fields are booleans, and at most one variant is selected."""
         for flag in ("fan_in_fan_out", "use_rslora", "use_dora", "lora_bias", "inference_mode", "ensure_weight_tying"):
-            _require(isinstance(getattr(self, flag), bool), flag, getattr(self, flag), "true or false")
+            value = getattr(self, flag)
+            require(isinstance(value, bool), f"LoraConfig.{flag}", value, "true or false")
         selected_variant(self)
 
     def _normalise_targets(self) -> None:
         """target_parameters, trainable_token_indices, target_modules, exclude_modules and
         modules_to_save: checked, lists made lists; ``target_modules = []`` means parameters only."""
         if self.target_parameters is not None:
-            _require(isinstance(self.target_parameters, (list, tuple)) and self.target_parameters
-                     and all(isinstance(p, str) and "." in p for p in self.target_parameters),
-                     "target_parameters", self.target_parameters,
-                     "a non-empty list of '<module path or suffix>.<parameter>' names")
+            require(isinstance(self.target_parameters, (list, tuple)) and self.target_parameters
+                    and all(isinstance(p, str) and "." in p for p in self.target_parameters),
+                    "LoraConfig.target_parameters", self.target_parameters,
+                    "a non-empty list of '<module path or suffix>.<parameter>' names")
             self.target_parameters = list(self.target_parameters)
             if not self.target_modules:  # PEFT's spelling of "parameters only"
                 self.target_modules = []
         if self.trainable_token_indices is not None:
             tokens = self.trainable_token_indices
-            _require(isinstance(tokens, (list, dict)) and bool(tokens) and all(
+            require(isinstance(tokens, (list, dict)) and bool(tokens) and all(
                 isinstance(k, str) and isinstance(v, list) for k, v in tokens.items())
                 if isinstance(tokens, dict) else isinstance(tokens, list) and bool(tokens),
-                "trainable_token_indices", tokens, "a list of token ids or {module name: [token ids]}")
+                "LoraConfig.trainable_token_indices", tokens, "a list of token ids or {module name: [token ids]}")
         if self.target_modules != [] or not self.target_parameters:
             self.target_modules = _selector("target_modules", self.target_modules)
         self.exclude_modules = _selector("exclude_modules", self.exclude_modules)
         if self.modules_to_save is not None:
-            _require(isinstance(self.modules_to_save, (list, tuple))
-                     and all(isinstance(m, str) and m for m in self.modules_to_save),
-                     "modules_to_save", self.modules_to_save, "a list of module names")
+            require(isinstance(self.modules_to_save, (list, tuple))
+                    and all(isinstance(m, str) and m for m in self.modules_to_save),
+                    "LoraConfig.modules_to_save", self.modules_to_save, "a list of module names")
             self.modules_to_save = list(self.modules_to_save)
 
     def _normalise_layer_selection(self) -> None:
         """layers_to_transform (an index or a list of them) and layers_pattern (a name or a list)."""
-        if isinstance(self.layers_to_transform, int) and not isinstance(self.layers_to_transform, bool):
+        if is_int(self.layers_to_transform):
             self.layers_to_transform = [self.layers_to_transform]
         if self.layers_to_transform is not None:
-            _require(isinstance(self.layers_to_transform, (list, tuple)) and all(
-                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers_to_transform),
-                "layers_to_transform", self.layers_to_transform, "a layer index or a list of indices >= 0")
+            require(isinstance(self.layers_to_transform, (list, tuple))
+                    and all(is_int(i) and i >= 0 for i in self.layers_to_transform),
+                    "LoraConfig.layers_to_transform", self.layers_to_transform,
+                    "a layer index or a list of indices >= 0")
             self.layers_to_transform = list(self.layers_to_transform)
-            _require(not isinstance(self.target_modules, str), "layers_to_transform",
-                     self.layers_to_transform, "a list-valued target_modules (a regex target selects layers itself)")
+            require(not isinstance(self.target_modules, str), "LoraConfig.layers_to_transform",
+                    self.layers_to_transform, "a list-valued target_modules (a regex target selects layers itself)")
         if isinstance(self.layers_pattern, str):
             self.layers_pattern = [self.layers_pattern]
         if self.layers_pattern is not None:
-            _require(self.layers_to_transform is not None, "layers_pattern", self.layers_pattern,
-                     "to be used together with layers_to_transform")
+            require(self.layers_to_transform is not None, "LoraConfig.layers_pattern", self.layers_pattern,
+                    "to be used together with layers_to_transform")
 
     def _normalise_patterns(self) -> None:
         """rank_pattern and alpha_pattern: regex keys, positive values, copied to plain dicts."""
         for name, table, ok, what in (
-            ("rank_pattern", self.rank_pattern, lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
-             "positive integer ranks"),
-            ("alpha_pattern", self.alpha_pattern, lambda v: _is_number(v) and v > 0, "positive alphas"),
+            ("rank_pattern", self.rank_pattern, lambda v: is_int(v) and v > 0, "positive integer ranks"),
+            ("alpha_pattern", self.alpha_pattern, lambda v: is_number(v) and v > 0, "positive alphas"),
         ):
-            _require(isinstance(table, Mapping), name, table, "a mapping of module-name pattern to value")
+            require(isinstance(table, Mapping), f"LoraConfig.{name}", table,
+                    "a mapping of module-name pattern to value")
             for key, value in table.items():
-                _require(ok(value), f"{name}[{key!r}]", value, what)
+                require(ok(value), f"LoraConfig.{name}[{key!r}]", value, what)
                 try:
                     re.compile(key)
                 except re.error as exc:
@@ -287,15 +288,6 @@ def _pattern_value(table: Mapping[str, Any], module_name: str, default: Any) -> 
         if re.fullmatch(rf"(.*\.)?(?:{key})", module_name):
             return value
     return default
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _require(ok: bool, name: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"LoraConfig.{name} = {value!r} is invalid: expected {allowed}")
 
 
 def _selector(name: str, value: Any) -> Optional[Union[list[str], str]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from typing import Any, Callable, Mapping, TypeVar
@@ -25,6 +26,23 @@ def suggest(name: str, valid: typing.Iterable[str]) -> str:
     """`` (did you mean 'x'?)`` for the closest valid name, or an empty string."""
     close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def require(ok: bool, name: str, value: Any, allowed: str) -> None:
+    """Raise ``ConfigError("<name> = <value> is invalid: expected <allowed>")`` unless `ok`; the
+    `__post_init__` checks of the config dataclasses (`name` is the field's full name)."""
+    if not ok:
+        raise ConfigError(f"{name} = {value!r} is invalid: expected {allowed}")
+
+
+def is_int(value: Any) -> bool:
+    """An int that is not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """A finite int or float that is not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def check_keys(data: Mapping[str, Any], valid: typing.Iterable[str], where: str) -> None:
@@ -145,7 +163,7 @@ def _to_bool(value: Any, where: str) -> bool:
 
 
 def _to_int(value: Any, where: str) -> int:
-    if isinstance(value, int) and not isinstance(value, bool):
+    if is_int(value):
         return value
     if isinstance(value, float) and value.is_integer():
         return int(value)

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import string
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Literal, Optional
 
-from ..errors import ConfigError
+from ..schema import is_int, is_number, require
 
 FORMAT_NAMES = ("text", "instruction", "chat", "classification", "preference")
 # Rendered around the user message when the tokenizer has no chat template (or `prompt_template`
@@ -109,50 +109,45 @@ class DataConfig:
     """Column names of a CSV/TSV file without a header row; absent means the first row is the header."""
 
     def __post_init__(self) -> None:
-        _require(self.format in FORMAT_NAMES, "format", self.format, f"one of {list(FORMAT_NAMES)}")
-        _require(_is_number(self.eval_fraction) and 0.0 <= self.eval_fraction < 1.0,
-                 "eval_fraction", self.eval_fraction, "a number in [0, 1)")
-        _require(self.eval_file is None or self.eval_fraction == 0.0, "eval_fraction", self.eval_fraction,
-                 "0 when eval_file is given (the eval set comes from one place)")
-        _require(_is_int(self.max_length) and self.max_length >= 2, "max_length", self.max_length,
-                 "an integer >= 2")
+        require(self.format in FORMAT_NAMES, "data.format", self.format, f"one of {list(FORMAT_NAMES)}")
+        require(is_number(self.eval_fraction) and 0.0 <= self.eval_fraction < 1.0,
+                "data.eval_fraction", self.eval_fraction, "a number in [0, 1)")
+        require(self.eval_file is None or self.eval_fraction == 0.0, "data.eval_fraction", self.eval_fraction,
+                "0 when eval_file is given (the eval set comes from one place)")
+        require(is_int(self.max_length) and self.max_length >= 2, "data.max_length", self.max_length,
+                "an integer >= 2")
         for name in ("max_records", "max_eval_records"):
             value = getattr(self, name)
-            _require(value is None or (_is_int(value) and value > 0), name, value, "a positive integer or null")
-        _require(_is_int(self.shuffle_seed), "shuffle_seed", self.shuffle_seed, "an integer")
-        _require(self.on_bad_record in ("error", "skip"), "on_bad_record", self.on_bad_record,
-                 "'error' or 'skip'")
+            require(value is None or (is_int(value) and value > 0), f"data.{name}", value, "a positive integer or null")
+        require(is_int(self.shuffle_seed), "data.shuffle_seed", self.shuffle_seed, "an integer")
+        require(self.on_bad_record in ("error", "skip"), "data.on_bad_record", self.on_bad_record,
+                "'error' or 'skip'")
         for name in ("text_field", "label_field", "messages_field", "instruction_field", "input_field",
                      "output_field", "prompt_field", "chosen_field", "rejected_field", "train_split"):
             value = getattr(self, name)
-            _require(isinstance(value, str) and value != "", name, value, "a non-empty string")
-        _require(not (self.packing and self.format in ("classification", "preference")), "packing", self.packing,
-                 f"false for format {self.format!r} (packing concatenates causal-LM examples)")
+            require(isinstance(value, str) and value != "", f"data.{name}", value, "a non-empty string")
+        require(not (self.packing and self.format in ("classification", "preference")), "data.packing", self.packing,
+                f"false for format {self.format!r} (packing concatenates causal-LM examples)")
         if self.labels is not None:
-            _require(isinstance(self.labels, (list, tuple)) and len(self.labels) >= 2
-                     and all(isinstance(x, str) and x for x in self.labels)
-                     and len(set(self.labels)) == len(self.labels),
-                     "labels", self.labels, "a list of at least two distinct non-empty names")
+            require(isinstance(self.labels, (list, tuple)) and len(self.labels) >= 2
+                    and all(isinstance(x, str) and x for x in self.labels)
+                    and len(set(self.labels)) == len(self.labels),
+                    "data.labels", self.labels, "a list of at least two distinct non-empty names")
             self.labels = list(self.labels)
         if self.columns is not None:
-            _require(isinstance(self.columns, (list, tuple)) and all(isinstance(x, str) and x for x in self.columns)
-                     and len(set(self.columns)) == len(self.columns),
-                     "columns", self.columns, "a list of distinct non-empty column names")
+            require(isinstance(self.columns, (list, tuple)) and all(isinstance(x, str) and x for x in self.columns)
+                    and len(set(self.columns)) == len(self.columns),
+                    "data.columns", self.columns, "a list of distinct non-empty column names")
             self.columns = list(self.columns)
-        _require(self.delimiter is None or (isinstance(self.delimiter, str) and len(self.delimiter) == 1),
-                 "delimiter", self.delimiter, "a single character")
-        _require(self.eval_split is None or self.eval_fraction == 0.0, "eval_split", self.eval_split,
-                 "null when eval_fraction is set (the eval set comes from one place)")
+        require(self.delimiter is None or (isinstance(self.delimiter, str) and len(self.delimiter) == 1),
+                "data.delimiter", self.delimiter, "a single character")
+        require(self.eval_split is None or self.eval_fraction == 0.0, "data.eval_split", self.eval_split,
+                "null when eval_fraction is set (the eval set comes from one place)")
         if self.prompt_template is not None:
-            _require(self.format in ("instruction", "preference"), "prompt_template", self.prompt_template,
-                     "null unless format is 'instruction' or 'preference'")
-            _require(_placeholders(self.prompt_template) == {"prompt"}, "prompt_template", self.prompt_template,
-                     "a template whose only placeholder is {prompt} (write literal braces as {{ }})")
-
-
-def _require(ok: bool, name: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"data.{name} = {value!r} is invalid: expected {allowed}")
+            require(self.format in ("instruction", "preference"), "data.prompt_template", self.prompt_template,
+                    "null unless format is 'instruction' or 'preference'")
+            require(_placeholders(self.prompt_template) == {"prompt"}, "data.prompt_template", self.prompt_template,
+                    "a template whose only placeholder is {prompt} (write literal braces as {{ }})")
 
 
 def _placeholders(template: str) -> set[str]:
@@ -160,11 +155,3 @@ def _placeholders(template: str) -> set[str]:
         return {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
     except ValueError:  # unbalanced braces
         return set()
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -30,7 +30,7 @@ from ..data import DataConfig
 from ..dtypes import dtype_choice
 from ..errors import ConfigError
 from ..registry import find_init
-from ..schema import apply_overrides, from_dict, to_dict
+from ..schema import apply_overrides, from_dict, is_int, is_number, require, to_dict
 
 TASKS = ("auto", "causal_lm", "classification")
 QUANTIZE_MODES = ("none", "nf4", "fp4", "int8")
@@ -70,11 +70,11 @@ class ModelConfig:
     """Allow model code shipped with the checkpoint to run (only for sources you trust)."""
 
     def __post_init__(self) -> None:
-        _require(self.name_or_path is None or (isinstance(self.name_or_path, str) and self.name_or_path),
-                 "model.name_or_path", self.name_or_path, "a model directory or hub id")
-        _require(self.task in TASKS, "model.task", self.task, f"one of {list(TASKS)}")
+        require(self.name_or_path is None or (isinstance(self.name_or_path, str) and self.name_or_path),
+                "model.name_or_path", self.name_or_path, "a model directory or hub id")
+        require(self.task in TASKS, "model.task", self.task, f"one of {list(TASKS)}")
         self.dtype = dtype_choice(self.dtype, "model.dtype")
-        _require(self.quantize in QUANTIZE_MODES, "model.quantize", self.quantize, f"one of {list(QUANTIZE_MODES)}")
+        require(self.quantize in QUANTIZE_MODES, "model.quantize", self.quantize, f"one of {list(QUANTIZE_MODES)}")
 
 
 @dataclass
@@ -150,40 +150,40 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "grad_accum", "keep_last", "log_every"):
-            _require(_is_int(getattr(self, name)) and getattr(self, name) >= 1, f"train.{name}",
-                     getattr(self, name), "an integer >= 1")
+            require(is_int(getattr(self, name)) and getattr(self, name) >= 1, f"train.{name}",
+                    getattr(self, name), "an integer >= 1")
         for name in ("max_steps", "eval_every", "save_every", "early_stopping_patience"):
             value = getattr(self, name)
-            _require(value is None or (_is_int(value) and value >= 1), f"train.{name}", value,
-                     "an integer >= 1, or null")
-        _require(_is_int(self.warmup_steps) and self.warmup_steps >= 0, "train.warmup_steps",
-                 self.warmup_steps, "an integer >= 0")
-        _require(_is_int(self.seed), "train.seed", self.seed, "an integer")
-        _require(_is_number(self.lr) and self.lr > 0, "train.lr", self.lr, "a positive number")
-        _require(_is_number(self.weight_decay) and self.weight_decay >= 0, "train.weight_decay",
-                 self.weight_decay, "a number >= 0")
-        _require(_is_number(self.warmup_ratio) and 0 <= self.warmup_ratio < 1, "train.warmup_ratio",
-                 self.warmup_ratio, "a number in [0, 1)")
-        _require(self.warmup_steps == 0 or self.warmup_ratio == 0, "train.warmup_ratio", self.warmup_ratio,
-                 "0 when warmup_steps is set (give one of the two)")
-        _require(self.max_grad_norm is None or (_is_number(self.max_grad_norm) and self.max_grad_norm > 0),
-                 "train.max_grad_norm", self.max_grad_norm, "a positive number, or null")
-        _require(self.loraplus_lr_ratio is None or (_is_number(self.loraplus_lr_ratio) and self.loraplus_lr_ratio > 0),
-                 "train.loraplus_lr_ratio", self.loraplus_lr_ratio, "a positive number, or null")
-        _require(self.scheduler in SCHEDULERS, "train.scheduler", self.scheduler, f"one of {list(SCHEDULERS)}")
-        _require(self.early_stopping_metric in METRIC_GOALS, "train.early_stopping_metric",
-                 self.early_stopping_metric, f"one of {list(METRIC_GOALS)}")
-        _require(self.distributed in DISTRIBUTED, "train.distributed", self.distributed,
-                 f"one of {list(DISTRIBUTED)}")
-        _require(_is_number(self.dist_timeout_s) and self.dist_timeout_s > 0, "train.dist_timeout_s",
-                 self.dist_timeout_s, "a positive number of seconds")
-        _require(self.objective in OBJECTIVES, "train.objective", self.objective, f"one of {list(OBJECTIVES)}")
-        _require(_is_number(self.beta) and self.beta > 0, "train.beta", self.beta, "a positive number")
-        _require(self.dpo_loss in DPO_LOSSES, "train.dpo_loss", self.dpo_loss, f"one of {list(DPO_LOSSES)}")
-        _require(not self.precompute_reference or self.objective == "dpo", "train.precompute_reference",
-                 self.precompute_reference, "false unless train.objective is 'dpo' (ORPO has no reference)")
-        _require(self.init_adapter is None or (isinstance(self.init_adapter, str) and self.init_adapter.strip() != ""),
-                 "train.init_adapter", self.init_adapter, "an adapter directory, or null")
+            require(value is None or (is_int(value) and value >= 1), f"train.{name}", value,
+                    "an integer >= 1, or null")
+        require(is_int(self.warmup_steps) and self.warmup_steps >= 0, "train.warmup_steps",
+                self.warmup_steps, "an integer >= 0")
+        require(is_int(self.seed), "train.seed", self.seed, "an integer")
+        require(is_number(self.lr) and self.lr > 0, "train.lr", self.lr, "a positive number")
+        require(is_number(self.weight_decay) and self.weight_decay >= 0, "train.weight_decay",
+                self.weight_decay, "a number >= 0")
+        require(is_number(self.warmup_ratio) and 0 <= self.warmup_ratio < 1, "train.warmup_ratio",
+                self.warmup_ratio, "a number in [0, 1)")
+        require(self.warmup_steps == 0 or self.warmup_ratio == 0, "train.warmup_ratio", self.warmup_ratio,
+                "0 when warmup_steps is set (give one of the two)")
+        require(self.max_grad_norm is None or (is_number(self.max_grad_norm) and self.max_grad_norm > 0),
+                "train.max_grad_norm", self.max_grad_norm, "a positive number, or null")
+        require(self.loraplus_lr_ratio is None or (is_number(self.loraplus_lr_ratio) and self.loraplus_lr_ratio > 0),
+                "train.loraplus_lr_ratio", self.loraplus_lr_ratio, "a positive number, or null")
+        require(self.scheduler in SCHEDULERS, "train.scheduler", self.scheduler, f"one of {list(SCHEDULERS)}")
+        require(self.early_stopping_metric in METRIC_GOALS, "train.early_stopping_metric",
+                self.early_stopping_metric, f"one of {list(METRIC_GOALS)}")
+        require(self.distributed in DISTRIBUTED, "train.distributed", self.distributed,
+                f"one of {list(DISTRIBUTED)}")
+        require(is_number(self.dist_timeout_s) and self.dist_timeout_s > 0, "train.dist_timeout_s",
+                self.dist_timeout_s, "a positive number of seconds")
+        require(self.objective in OBJECTIVES, "train.objective", self.objective, f"one of {list(OBJECTIVES)}")
+        require(is_number(self.beta) and self.beta > 0, "train.beta", self.beta, "a positive number")
+        require(self.dpo_loss in DPO_LOSSES, "train.dpo_loss", self.dpo_loss, f"one of {list(DPO_LOSSES)}")
+        require(not self.precompute_reference or self.objective == "dpo", "train.precompute_reference",
+                self.precompute_reference, "false unless train.objective is 'dpo' (ORPO has no reference)")
+        require(self.init_adapter is None or (isinstance(self.init_adapter, str) and self.init_adapter.strip() != ""),
+                "train.init_adapter", self.init_adapter, "an adapter directory, or null")
 
     def warmup_for(self, total_steps: int) -> int:
         """Warmup steps of a run of `total_steps` steps."""
@@ -202,7 +202,7 @@ class OutputConfig:
     """Draw train and eval loss curves to RUN_DIR/loss.png at the end (matplotlib)."""
 
     def __post_init__(self) -> None:
-        _require(isinstance(self.dir, str) and self.dir.strip() != "", "output.dir", self.dir, "a directory path")
+        require(isinstance(self.dir, str) and self.dir.strip() != "", "output.dir", self.dir, "a directory path")
 
 
 @dataclass
@@ -360,16 +360,3 @@ def _show(value: Any) -> str:
     if isinstance(value, bool):
         return str(value).lower()
     return str(value)
-
-
-def _require(ok: bool, name: str, value: Any, allowed: str) -> None:
-    if not ok:
-        raise ConfigError(f"{name} = {value!r} is invalid: expected {allowed}")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
