@@ -1,9 +1,11 @@
 """The package's shape: imports point one way, private names stay home, extensions are one file."""
 
 import ast
+import re
 import sys
 import textwrap
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -105,6 +107,36 @@ def test_the_core_imports_nothing_above_it():
              "lorafit.data", "lorafit.export")
     bad = {m: sorted(t for t in edges[m] if t.startswith(above)) for m in core}
     assert not any(bad.values()), bad
+
+
+def _layers() -> dict[str, int]:
+    """ARCHITECTURE.md's layer table: module or package (``lorafit.kinds``) -> layer number."""
+    text = (SRC.parents[1] / "ARCHITECTURE.md").read_text()
+    layers = {}
+    for number, modules in re.findall(r"^\| (\d+) \| ([^|]+) \|", text, re.M):
+        for name in re.findall(r"`([\w/.]+)`", modules):
+            layers["lorafit." + name.removesuffix("/").removesuffix(".py")] = int(number)
+    return layers
+
+
+def _layer_of(module: str, layers: dict[str, int]) -> Optional[int]:
+    while module not in layers and "." in module:
+        module = module.rpartition(".")[0]
+    return layers.get(module)
+
+
+def test_imports_follow_the_layer_table():
+    """Every module is in ARCHITECTURE.md's table (testing and demo aside) and imports only from its
+    own layer or a lower-numbered one."""
+    layers = _layers()
+    edges = _graph()
+    beside = ("lorafit", "lorafit.__main__", "lorafit.testing", "lorafit.demo")
+    unmapped = sorted(m for m in edges if _layer_of(m, layers) is None and not m.startswith(beside))
+    assert not unmapped, f"modules missing from ARCHITECTURE.md's layer table: {unmapped}"
+    upward = sorted(f"{m} (layer {_layer_of(m, layers)}) imports {t} (layer {_layer_of(t, layers)})"
+                    for m, targets in edges.items() if _layer_of(m, layers) is not None
+                    for t in targets if (_layer_of(t, layers) or 0) > _layer_of(m, layers))
+    assert not upward, upward
 
 
 def test_no_private_name_is_imported_across_modules():
