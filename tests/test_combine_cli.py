@@ -6,6 +6,9 @@ import torch
 import lorafit
 from lorafit.adapter_files.report import describe_adapter, format_report
 from lorafit.cli import main
+from lorafit.errors import AdapterError
+from lorafit.export import export_combined
+from lorafit.export.combined import adapter_names
 from lorafit.testing import tiny_llama
 
 from test_model import IDS
@@ -63,3 +66,25 @@ def test_combine_command_refusals_are_one_line(dirs, capsys, args, message):
     err = capsys.readouterr().err
     assert status == 1 and err.startswith("lorafit combine: error: ") and message in err and err.count("\n") == 1
     assert not (dirs / "refused").exists()
+
+
+def test_export_combined_is_the_library_call_behind_the_command(dirs):
+    """The work of ``lorafit combine`` without the CLI: the weighted cat of the two adapters, saved
+    with its sources, and the report it returns."""
+    out = dirs / "library_cat"
+    report = export_combined(str(dirs / "base"), [str(dirs / "math"), str(dirs / "code")], out, weights=[0.5, 2.0])
+    assert report.method == "cat" and report.weights == {"math": 0.5, "code": 2.0} and max(report.ranks.values()) == 8
+    reference = lorafit.load(tiny_llama(), dirs / "math", adapter_name="math")
+    reference.load_adapter(dirs / "code", adapter_name="code")
+    reference.combine({"math": 0.5, "code": 2.0}, name="cat", method="cat")
+    reference.set_adapter("cat")
+    assert (_logits(lorafit.load(tiny_llama(), out)) - _logits(reference)).abs().max() <= 1e-6
+    assert describe_adapter(out)["combined"]["sources"] == {"math": str(dirs / "math"), "code": str(dirs / "code")}
+    with pytest.raises(AdapterError, match="needs density"):
+        export_combined(str(dirs / "base"), [str(dirs / "math")], dirs / "refused", method="ties")
+    assert not (dirs / "refused").exists()
+
+
+def test_adapter_names_are_folder_names_when_usable():
+    assert adapter_names(["a/math", "b/math", "c/combined", "d/x y", "e/code/"], reserved="combined") == [
+        "math", "adapter2", "adapter3", "adapter4", "code"]

@@ -1,4 +1,5 @@
-"""Exporting a trained adapter for other runtimes: merged Hugging Face model directories and GGUF files.
+"""Exporting trained adapters: merged Hugging Face model directories, GGUF files for other runtimes,
+and adapter directories combined from several (`export_combined`, ``lorafit combine``).
 
     from lorafit.export import to_gguf, adapter_to_gguf
     to_gguf(lora_model.merge_and_unload(), "model.gguf", tokenizer, outtype="q8_0")  # + Modelfile
@@ -22,6 +23,7 @@ EXPORTS = {
     "ARCHITECTURES": "gguf",
     "OUTTYPES": "gguf",
     "export_merged": "merged",
+    "export_combined": "combined",
 }
 
 __all__ = list(EXPORTS)
