@@ -20,7 +20,9 @@ def params(model, name="default"):
     return [p for _, layer in model.lora_layers() if name in layer.lora for p in layer.lora[name].parameters()]
 
 
-def test_same_shapes_swap_in_place_and_fold_a_new_scaling(tmp_path):
+def test_same_shapes_swap_in_place_and_take_the_new_scaling(tmp_path):
+    """Another lora_alpha and rsLoRA: the file's factors are copied into the same parameters and
+    each layer's `LoraWeights.scaling` becomes the new config's, so the model equals a fresh load."""
     first = adapter_dir(tmp_path / "a", 1, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     second = adapter_dir(tmp_path / "b", 2, r=4, lora_alpha=2, use_rslora=True, target_modules=["q_proj", "v_proj"])
     model = lorafit.load(small_llama(), first)
@@ -30,13 +32,13 @@ def test_same_shapes_swap_in_place_and_fold_a_new_scaling(tmp_path):
     expected = logits(lorafit.load(small_llama(), second))
     assert (logits(model) - expected).abs().max() <= 1e-6
     assert model.peft_config["default"].lora_alpha == 2 and model.active_adapters == ["default"]
-    model.save_adapter(tmp_path / "saved")  # B is unfolded again: the file matches its config
+    model.save_adapter(tmp_path / "saved")  # the new config with the copied factors: reloads the same
     assert (logits(lorafit.load(small_llama(), tmp_path / "saved")) - expected).abs().max() <= 1e-6
 
 
 def test_swap_under_torch_compile_does_not_recompile(tmp_path):
     """Same ranks and scaling: the tensors are copied in place and the compiled graph is reused.
-    Another scaling is taken from the file too (the scaling lives in one place, the layer), at
+    Another scaling is taken from the file too (it lives in one place, `LoraWeights.scaling`), at
     the price of one recompile."""
     def mlp():
         torch.manual_seed(0)
