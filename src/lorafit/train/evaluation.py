@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any, Optional
@@ -80,9 +81,11 @@ def evaluate_config(cfg: Any, adapter_dir: Optional[Path] = None) -> dict[str, A
     a `RunConfig`, with the number of ``examples``. Without an adapter a classifier's new head is
     drawn from ``train.seed``, so the figures are those a run logs at step 0. A ``dpo`` or ``orpo``
     config gives its loss and TRL's reward figures (``rewards/accuracies``, ``rewards/margins``,
-    ...) against the run's reference (the base, or ``train.init_adapter``)."""
+    ...) against the run's reference (the base, or ``train.init_adapter``). An adapter of a run
+    whose init rewrote the base is evaluated on the base it names (RUN_DIR/base), not ``model``'s."""
     from .. import load
-    from .modeling import default_device, load_base, load_tokenizer, read_labels, resolve_dtype
+    from ..adapter_files import read_adapter_dir
+    from .modeling import REWRITTEN_BASE, default_device, load_base, load_tokenizer, resolve_dtype
 
     device = default_device()
     dtype = resolve_dtype(cfg.model.dtype, device)
@@ -91,9 +94,18 @@ def evaluate_config(cfg: Any, adapter_dir: Optional[Path] = None) -> dict[str, A
     _, eval_set, report = load_dataset_splits(cfg.data, tokenizer)
     if eval_set is None:
         raise ConfigError("the config has no eval split: set data.eval_file or data.eval_fraction")
-    model = load_base(cfg.model, cfg.task, report.labels, dtype, eval_set.pad_id)
-    if adapter_dir is not None:
-        saved = read_labels(adapter_dir)
+    adapter = read_adapter_dir(adapter_dir) if adapter_dir is not None else None
+    model_cfg = cfg.model
+    if adapter is not None and REWRITTEN_BASE in adapter.user_metadata:
+        base = adapter.config.get("base_model_name_or_path")
+        if not (isinstance(base, str) and Path(base).is_dir()):
+            raise ConfigError(f"{adapter_dir}: the adapter fits only the base its init rewrote "
+                              f"({adapter.user_metadata[REWRITTEN_BASE]!r}), recorded as {base!r}, which is not a "
+                              f"directory (was the run directory moved?)")
+        model_cfg = dataclasses.replace(cfg.model, name_or_path=base)
+    model = load_base(model_cfg, cfg.task, report.labels, dtype, eval_set.pad_id)
+    if adapter is not None:
+        saved = adapter.user_metadata.get("labels")
         if saved != report.labels:
             raise ConfigError(f"{adapter_dir}: the adapter was trained for labels {saved}, "
                               f"but the data has {report.labels}")

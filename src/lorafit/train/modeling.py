@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
@@ -11,13 +12,20 @@ import torch.utils.checkpoint
 from torch import nn
 
 from ..adapter_files import inference_dtype, label_config, read_adapter_dir, trained_base
+from ..atomic import staged_directory
 from ..dtypes import DTYPES, torch_dtype
 from ..errors import ConfigError
 from ..hardware import auto_dtype
 from ..inits import prepare
+from ..layers import LoraLayer
 from ..model import LoraModel, load, wrap
 from ..quant import quantize_like, quantize_model
+from ..surgery import replace_module
 from .config import ModelConfig, RunConfig
+
+# Adapter metadata of a run whose init rewrote the base: the init_lora_weights value. The adapter
+# is then plain LoRA over that rewritten base, which its base_model_name_or_path names (RUN_DIR/base).
+REWRITTEN_BASE = "base_rewritten_by"
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -102,6 +110,31 @@ def build_model(cfg: RunConfig, labels: Optional[Sequence[str]], device: torch.d
             param.data = param.data.float()
     model.train()
     return model
+
+
+def save_base(model: LoraModel, path: Path, tokenizer: Any = None) -> None:
+    """Write the base under `model`'s adapters (its LoRA layers' base layers, the originals of its
+    modules_to_save) as a Hugging Face model directory at `path`, with `tokenizer` when given.
+    `path` appears whole or not at all (built beside it, files fsync'ed, then renamed); the LoRA
+    layers are taken out for the write and put back, so `model` is left as it was."""
+    wrappers = list(model.wrappers())
+    for name, wrapper in reversed(wrappers):  # inner first: nested layers (target_parameters)
+        replace_module(model.model, name, wrapper.base_layer if isinstance(wrapper, LoraLayer)
+                       else wrapper.original_module)
+    try:
+        with staged_directory(path) as staging:
+            model.model.save_pretrained(staging)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(staging)
+            for file in (f for f in staging.rglob("*") if f.is_file()):
+                descriptor = os.open(file, os.O_RDONLY)
+                try:
+                    os.fsync(descriptor)
+                finally:
+                    os.close(descriptor)
+    finally:
+        for name, wrapper in wrappers:  # outer first, at the paths they had
+            replace_module(model.model, name, wrapper)
 
 
 def checkpoint_mlps(model: nn.Module) -> None:

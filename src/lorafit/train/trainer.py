@@ -33,23 +33,25 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from ..atomic import atomic_write_json
+from ..atomic import atomic_write_json, is_temp_file
 from ..data import DataReport, batch_plan, load_dataset_splits
 from ..errors import ConfigError, TrainingError
+from ..registry import find_init
 from . import distributed
 from .checkpoints import (CHECKPOINTS, TrainState, best_adapter_dir, latest_checkpoint, list_checkpoints,
                           load_checkpoint, prune_best_adapters, read_train_state, remove_partial, save_checkpoint,
                           torch_rng)
 from .config import METRIC_GOALS, RunConfig, load_run_config, resolved, save_run_config
 from .metrics import MetricsWriter, plot_losses, read_metrics, truncate_metrics
-from .modeling import build_model, choose_dtype, default_device, dtype_name, load_tokenizer
+from .modeling import REWRITTEN_BASE, build_model, choose_dtype, default_device, dtype_name, load_tokenizer, save_base
 from .objectives import objective_for, prepare_model
 from .optim import build_optimizer, build_scheduler
 from .progress import Progress
 
 CONFIG_FILE = "config.yaml"
+BASE_DIR = "base"  # the base an init rewrote (PiSSA, CorDA, LoftQ, ...), which the run's adapters fit
 # What a run writes before its first checkpoint: a directory holding only these has nothing to resume.
-UNSAVED_RUN_FILES = (CONFIG_FILE, "metrics.jsonl", "tensorboard", CHECKPOINTS)
+UNSAVED_RUN_FILES = (CONFIG_FILE, "metrics.jsonl", "tensorboard", CHECKPOINTS, BASE_DIR)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 INIT_BATCHES = 16  # micro-batches of training data for initialisations computed from data
 
@@ -126,7 +128,7 @@ def _clear_unsaved_run(run_dir: Path, entries: list[str]) -> None:
         raise ConfigError(f"output.dir = {str(run_dir)!r} holds a run with checkpoints (the latest: step "
                           f"{checkpoints[-1][0]}): continue it with `lorafit train --resume {run_dir}`, or "
                           f"choose another output.dir")
-    others = [name for name in entries if name not in UNSAVED_RUN_FILES]
+    others = [name for name in entries if name not in UNSAVED_RUN_FILES and not is_temp_file(name)]
     if others:
         raise ConfigError(f"output.dir = {str(run_dir)!r} is not empty (it holds {', '.join(others[:4])}"
                           f"{', ...' if len(others) > 4 else ''}): choose another output.dir")
@@ -175,13 +177,14 @@ class Trainer:
         self.task = cfg.task
         self.objective = objective_for(cfg)
         self.stop_signal: Optional[int] = None
+        self.rewritten_base: Optional[tuple[Path, Any]] = None  # (RUN_DIR/base, the init that rewrote it)
 
         torch.manual_seed(cfg.train.seed)
         random.seed(cfg.train.seed)
         tokenizer = load_tokenizer(cfg.model)
         self.train_set, self.eval_set, self.report = load_dataset_splits(cfg.data, tokenizer)
         self.lengths = self.train_set.lengths
-        self.model = self._build_model()
+        self.model = self._build_model(tokenizer)
         prepare_model(self.model, self.objective, cfg.train, (self.train_set, self.eval_set), self.device, self.dtype)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         if self.group.active:
@@ -206,9 +209,10 @@ class Trainer:
         self.started = time.perf_counter()
         self.first = self.last_log = (self.started, self.state.tokens)
 
-    def _build_model(self):
+    def _build_model(self, tokenizer: Any):
         """The LoRA-wrapped model on this process's device; under FSDP built on the CPU in the
-        dtype it would have on the device, then sharded there."""
+        dtype it would have on the device, then sharded there. A base its init rewrote is saved
+        before any sharding (`_keep_rewritten_base`)."""
         cfg = self.cfg
         # the first micro-batches of epoch 0 as one process would see them (so every process
         # computes the same factors and base), collated only if the init reads data (EVA, CorDA, LoRA-GA)
@@ -217,11 +221,39 @@ class Trainer:
         init_batches = (self.objective.collate([self.train_set[i] for i in ids], self.train_set.pad_id)
                         for ids in first)
         if self.group.mode != "fsdp":
-            return build_model(cfg, self.report.labels, self.device, self.train_set.pad_id, init_batches)
+            model = build_model(cfg, self.report.labels, self.device, self.train_set.pad_id, init_batches)
+            self._keep_rewritten_base(model, tokenizer)
+            return model
         on_cpu = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype=dtype_name(self.dtype)))
         model = build_model(on_cpu, self.report.labels, torch.device("cpu"), self.train_set.pad_id, init_batches)
+        self._keep_rewritten_base(model, tokenizer)  # whole: every process holds all of it until shard
         distributed.shard(model, self.group)
         return model
+
+    def _keep_rewritten_base(self, model, tokenizer: Any) -> None:
+        """When the init rewrote the base (`InitScheme.rewrites_base`), rank 0 saves that base, with
+        the tokenizer, to RUN_DIR/base, once (a resumed run finds it there), and the adapters the run
+        saves are PEFT's shipping form: plain LoRA (``init_lora_weights: true``) over that base,
+        which their ``base_model_name_or_path`` names, so they load on it with no warning."""
+        config = model.peft_config["default"]
+        scheme = find_init(config.init_lora_weights)
+        if not scheme.rewrites_base:
+            return
+        path = self.run_dir.resolve() / BASE_DIR
+
+        def write() -> None:
+            if path.is_dir():
+                return
+            with _writing(path):
+                for partial in path.parent.glob(f".{path.name}.tmp-*"):  # left by a killed write
+                    shutil.rmtree(partial)
+                save_base(model, path, tokenizer)
+
+        self.group.from_main(write)
+        settings = {scheme.settings: None} if scheme.settings else {}
+        model.peft_config["default"] = config.replace(init_lora_weights=True, base_model_name_or_path=str(path),
+                                                      **settings)
+        self.rewritten_base = (path, config.init_lora_weights)
 
     def _total_steps(self) -> int:
         """``max_steps``, or the steps left to the end of the last epoch from `state` (at the
@@ -470,8 +502,10 @@ class Trainer:
         """The adapter files, with a classifier's labels (a quantised base's description is
         recorded by `save_adapter` itself)."""
         labels = self.report.labels
-        self.model.save_adapter(path, adapter_names=["default"],
-                                metadata={"labels": labels} if labels is not None else None)
+        metadata = {"labels": labels} if labels is not None else {}
+        if self.rewritten_base is not None:
+            metadata[REWRITTEN_BASE] = self.rewritten_base[1]
+        self.model.save_adapter(path, adapter_names=["default"], metadata=metadata or None)
 
     def _save(self) -> None:
         """Write a checkpoint of the current step: every process hands rank 0 its RNG state
@@ -512,6 +546,9 @@ class Trainer:
         print(f"training: {self.total} steps ({self.steps_per_epoch} per epoch), batch {cfg.batch_size} x "
               f"{cfg.grad_accum} accumulation{processes}, lr {cfg.lr:g} {cfg.scheduler}; "
               f"run directory {self.run_dir}")
+        if self.rewritten_base is not None:
+            path, init = self.rewritten_base
+            print(f"base: init_lora_weights = {init!r} rewrote it; saved to {path}, the base the adapters fit")
 
     def _global_batch(self) -> int:
         return self.cfg.train.batch_size * self.cfg.train.grad_accum * self.world_size
@@ -571,6 +608,9 @@ class Trainer:
         if cfg.early_stopping_patience is not None:
             summary["best"] = {"metric": cfg.early_stopping_metric, "value": state.best,
                                "step": state.best_step}
+        if self.rewritten_base is not None:
+            path, init = self.rewritten_base
+            summary["rewritten_base"] = {"path": str(path), "init_lora_weights": init}
         return summary
 
 
@@ -592,6 +632,10 @@ def format_summary(summary: dict[str, Any]) -> str:
                      f"that step's")
     lines.append(f"  trainable {summary['trainable_params']:,} of {summary['total_params']:,} parameters; "
                  f"adapter {summary['adapter_bytes'] / 1024:.1f} KiB")
+    if "rewritten_base" in summary:
+        base = summary["rewritten_base"]
+        lines.append(f"  base: {base['path']} (rewritten by init_lora_weights = {base['init_lora_weights']!r}); "
+                     f"the adapter fits it only and names it as its base_model_name_or_path")
     data = summary["data"]
     lines.append(f"  data: {data['train_examples']} train / {data['eval_examples']} eval examples, "
                  f"{data['truncated']} truncated, {data['skipped_records']} records skipped")
