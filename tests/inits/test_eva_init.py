@@ -1,6 +1,7 @@
 """EVA against PEFT 0.21.2 (same model and batch): PEFT's components come from a randomised,
 incremental PCA, so the test compares subspaces (principal angles) and the rank redistribution,
-which must be equal; and by hand: PCA of the masked inputs, rank-0 layers dropped."""
+which must be equal, also where layers share their input; and by hand: PCA of the masked
+inputs, rank-0 layers dropped."""
 
 import copy
 
@@ -15,16 +16,26 @@ from lorafit.inits import prepare
 
 from init_data import token_batches
 
-# One target per distinct input (q/k/v and gate/up share theirs; PEFT then breaks ties its own way).
+# One target per distinct input.
 EVA_TARGETS = ["q_proj", "o_proj", "up_proj", "down_proj"]
+# All linear layers: q/k/v share their input, as gate/up do, so each group offers equal ratios.
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SHARED_INPUTS = [("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")]
 
 
-def masked_batch():
+def masked_batch(seed=1):
     """One batch with padding and prompt tokens (labels -100) that EVA must leave out."""
-    batch = token_batches(count=1, rows=4, length=16)[0]
+    batch = token_batches(count=1, rows=4, length=16, seed=seed)[0]
     batch["labels"][:, :3] = -100
     batch["attention_mask"][0, -2:] = 0
     return batch
+
+
+def group_of(path, paths):
+    """The layers among `paths` that share `path`'s input (its siblings in SHARED_INPUTS), `path` included."""
+    parent, name = path.rsplit(".", 1)
+    names = next((group for group in SHARED_INPUTS if name in group), (name,))
+    return [f"{parent}.{n}" for n in names if f"{parent}.{n}" in paths]
 
 
 def cosines(ours, theirs):
@@ -33,16 +44,21 @@ def cosines(ours, theirs):
     return torch.linalg.svdvals(q_ours.T @ q_theirs)
 
 
+@pytest.mark.parametrize("targets, seed", [(EVA_TARGETS, 1), (ALL_LINEAR, 5)], ids=["one_per_input", "all_linear"])
 @pytest.mark.parametrize("whiten", [False, True])
-def test_eva_matches_peft(base, whiten):
+def test_eva_matches_peft(base, targets, seed, whiten):
     """PEFT sees the one batch twice before its estimate settles (which doubles its whitening
-    singular values, hence the constant 2^¼ between the row norms); lorafit sees it once."""
-    batches = [masked_batch()]
+    singular values, hence the factor 2^¼ between the row norms); lorafit sees it once. With
+    all linear layers and this batch the budget's cut falls among the equal ratios of a group of
+    layers sharing their input, and PEFT's unstable sort decides which members keep one. PEFT
+    also whitens a group's shared components in place once per member whose rank exceeds the
+    row (m members), so its row i is (2^¼·√σ_i)^(m−1) smaller than once-whitened (√σ_i = 1/|A_i|)."""
+    batches = [masked_batch(seed)]
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
-        r=4, lora_alpha=8, target_modules=EVA_TARGETS, init_lora_weights="eva",
+        r=4, lora_alpha=8, target_modules=targets, init_lora_weights="eva",
         eva_config=peft.EvaConfig(whiten=whiten)))
     peft.initialize_lora_eva_weights(theirs, batches, show_progress_bar=False)
-    config = prepare(base, LoraConfig(r=4, lora_alpha=8, target_modules=EVA_TARGETS, init_lora_weights="eva",
+    config = prepare(base, LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights="eva",
                                       eva_config={"whiten": whiten}), batches)
     peft_config = theirs.peft_config["default"]
     assert config.rank_pattern == peft_config.rank_pattern and len(set(config.rank_pattern.values())) > 1
@@ -52,6 +68,9 @@ def test_eva_matches_peft(base, whiten):
                    if isinstance(m, peft.tuners.lora.LoraLayer)}
     layers = dict(ours.lora_layers())
     assert sorted(layers) == sorted(peft_layers)
+    ranks = {path: layer.lora["default"].A.shape[0] for path, layer in layers.items()}
+    if targets == ALL_LINEAR:  # some group's members got different ranks: the order of equal ratios decided them
+        assert any(len({ranks[member] for member in group_of(path, ranks)}) > 1 for path in ranks)
     for path, layer in layers.items():
         w, p = layer.lora["default"], peft_layers[path]
         A, P = w.A.detach(), p.lora_A["default"].weight.detach()
@@ -60,7 +79,11 @@ def test_eva_matches_peft(base, whiten):
         for k in range(1, A.shape[0] + 1):  # the same nested subspaces: component by component
             assert float(cosines(A[:k], P[:k]).min()) > 0.999, (path, k)
         ratio = A.norm(dim=1) / P.norm(dim=1)
-        torch.testing.assert_close(ratio, torch.full_like(ratio, 2 ** 0.25 if whiten else 1.0), rtol=1e-4, atol=0)
+        expected = torch.ones_like(ratio)
+        if whiten:
+            m = torch.tensor([sum(ranks[member] > i for member in group_of(path, ranks)) for i in range(len(ratio))])
+            expected = 2 ** 0.25 * (2 ** 0.25 / A.norm(dim=1)) ** (m - 1)
+        torch.testing.assert_close(ratio, expected, rtol=1e-4, atol=0)
         assert not w.B.any()
 
 

@@ -6,9 +6,13 @@ From the batches (model in eval mode, no gradients) each target's input rows x [
 gathered: for dict batches only the tokens where ``attention_mask`` is set and, with
 ``use_label_mask``, ``labels != label_mask_value``. Their covariance Σ [in, in] (float64, mean
 removed) gives eigenpairs ``λ_1 >= λ_2 >= ...`` with eigenvectors u_i, and explained-variance
-ratios ``λ_i / tr Σ``. Redistribution over the layers ℓ with ranks r_ℓ: each layer offers its
-first ``round(ρ·r_ℓ)`` ratios; the ``Σ_ℓ r_ℓ`` largest of all offered ratios are kept, and a
-layer's new rank is how many of its own were kept (ties go to the earlier layer). Then
+ratios ``λ_i / tr Σ``. Layers fed the same inputs (q/k/v, gate/up) form a group whose first
+layer in module order, its source, is decomposed for all of them. Redistribution over the layers
+ℓ with ranks r_ℓ, as PEFT does it (`redistribute`): each layer offers its first ``round(ρ·r)``
+ratios, r the largest rank of its group; the ``Σ_ℓ r_ℓ`` largest of all offered ratios are kept,
+a layer's new rank is how many of its own were kept, and a source kept fewer than a member of
+its group swaps ranks with it. The members of a group offer equal ratios; which of them keeps
+one at the cut is decided, as in PEFT, by an unstable sort of PEFT's list (`redistribute`). Then
 ``A = [u_1 … u_k]ᵀ`` [k, in] (with ``whiten``, row i divided by √σ_i, σ_i = √((n−1)λ_i) the
 singular value of the centred inputs) and ``B = 0`` [out, k]: the model is unchanged at step 0.
 
@@ -19,7 +23,9 @@ and with ``adjust_scaling_factors`` alpha_pattern ``α·k/r`` so the scale α/r 
 PEFT computes the components with an incremental, randomised PCA (``svd_lowrank``) repeated
 over the batches until consecutive estimates agree (cosine >= ``tau``); lorafit computes them
 exactly from all the batches once, so ``tau`` has nothing to decide. Both estimate the same
-principal subspaces. Linear layers only (as PEFT); the base may be quantised (it is not rewritten).
+principal subspaces. With ``whiten``, PEFT divides the components a group shares in place, once
+per member whose rank reaches them; lorafit divides each layer's once. Linear layers only (as
+PEFT); the base may be quantised (it is not rewritten).
 """
 
 from __future__ import annotations
@@ -87,14 +93,45 @@ def kept_rows(x: Tensor, batch, settings: EvaConfig) -> Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
-def redistribute(ratios: dict[str, Tensor], ranks: dict[str, int], rho: float) -> dict[str, int]:
-    """{path: new rank}: the ``Σ ranks`` largest ratios among each layer's first round(ρ·r)."""
-    offered = [(float(value), order, path) for order, path in enumerate(ratios)
-               for value in ratios[path][: round(rho * ranks[path])]]
-    offered.sort(key=lambda item: (-item[0], item[1]))
-    new = dict.fromkeys(ratios, 0)
-    for _, _, path in offered[: sum(ranks.values())]:
-        new[path] += 1
+def sources_of(moments: dict[str, Moments]) -> dict[str, str]:
+    """{path: its source}: the first layer, in module order, whose inputs have the same count,
+    sum and Gram matrix (bitwise), as layers fed the same tensor have; a layer is its own source
+    otherwise. PEFT groups the layers whose inputs of the first batch hash equal."""
+    sources: dict[str, str] = {}
+    buckets: dict[tuple, list[str]] = {}
+    for path, m in moments.items():
+        bucket = buckets.setdefault((m.n, tuple(m.sum.tolist())), [])
+        sources[path] = next((s for s in bucket if torch.equal(moments[s].gram, m.gram)), path)
+        if sources[path] == path:
+            bucket.append(path)
+    return sources
+
+
+def redistribute(ratios: dict[str, Tensor], ranks: dict[str, int], rho: float,
+                 sources: dict[str, str]) -> dict[str, int]:
+    """{path: new rank} by PEFT 0.21.2's rule. `ratios` holds each source's explained-variance
+    ratios (descending); a layer offers its source's first round(ρ·r), r the largest rank in
+    its group. The offers are listed sources first (module order), then the other members,
+    group by group in their sources' order, each group in module order, and ranked by
+    ``argsort(descending=True)`` on the ratios' device. That sort is not stable (on the CPU
+    beyond 16 values): the equal ratios that the members of a group offer come out in an order
+    that depends on all the offered values, as in PEFT. A layer's rank is how many of the
+    ``Σ ranks`` first it offered; then each member, in the listed order, kept more than its
+    source swaps ranks with it, so a source ends with its group's largest rank."""
+    offer: dict[str, int] = {}
+    for path, source in sources.items():
+        offer[source] = max(offer.get(source, 0), round(rho * ranks[path]))
+    members = [path for source in offer for path, own in sources.items() if own == source != path]
+    listed = list(offer) + members
+    offered = [ratios[sources[path]][: offer[sources[path]]] for path in listed]
+    owners = [path for path, values in zip(listed, offered) for _ in range(len(values))]
+    new = dict.fromkeys(sources, 0)
+    for i in torch.cat(offered).argsort(descending=True)[: sum(ranks.values())].tolist():
+        new[owners[i]] += 1
+    for path in members:
+        source = sources[path]
+        if new[path] > new[source]:
+            new[path], new[source] = new[source], new[path]
     return new
 
 
@@ -106,10 +143,11 @@ def prepare_eva(preparation: Preparation) -> LoraConfig:
     short = [path for path, m in moments.items() if m.n < 2]
     if short:
         raise ConfigError(f"EVA: fewer than 2 input rows reached {short}; give more batches")
-    principal = {path: m.principal() for path, m in moments.items()}
+    sources = sources_of(moments)
+    principal = {path: moments[path].principal() for path in dict.fromkeys(sources.values())}
     ratios = {path: values / values.sum() for path, (values, _) in principal.items()}
     ranks = {path: config.rank_for(path) for path in moments}
-    new_ranks = redistribute(ratios, ranks, settings.rho)
+    new_ranks = redistribute(ratios, ranks, settings.rho, sources)
     kept = [path for path in moments if new_ranks[path] > 0]
     rank_pattern, alpha_pattern = {}, {}
     for path in kept:
@@ -125,7 +163,7 @@ def prepare_eva(preparation: Preparation) -> LoraConfig:
     new_config = config.replace(target_modules=kept, rank_pattern=rank_pattern, alpha_pattern=alpha_pattern)
     modules = dict(preparation.targets)
     for path in kept:
-        values, vectors = principal[path]
+        values, vectors = principal[sources[path]]
         k = new_ranks[path]
         A = vectors[:k]
         if settings.whiten:
