@@ -718,7 +718,7 @@ def _load_peak(results: dict) -> str:
 def _notes(results: dict) -> list[str]:
     """What a reader needs to read the table right."""
     cases, notes = results["cases"], []
-    if results["machine"]["device"] == "cpu":
+    if results["machine"]["device"] == "cpu" and any("base" in r["label"] for r in results["rows"]):
         notes.append("\"base\" is the plain PyTorch model, whose fp32 `mm` calls MKL (AVX2 code on non-Intel "
                      "CPUs); on x86 lorafit's layers compute their fp32 products with oneDNN's AVX-512 kernels "
                      "(`lorafit.functional.mm_t`), hence lorafit / base below 1.")
