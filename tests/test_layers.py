@@ -177,6 +177,31 @@ def test_dropout_draws_one_mask_stream_on_every_path(dtype):
         assert (fused - stacked).abs().max() <= tol * stacked.abs().max()
 
 
+@pytest.mark.parametrize("autocast_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16], ids=["fp32_base", "bf16_base"])
+def test_fused_linear_follows_autocast(base_dtype, autocast_dtype):
+    """Under autocast the fused kernel computes in autocast's dtype as the composed path does:
+    the same output dtype and values (one dropout mask stream), gradients in each input's dtype."""
+    outputs = []
+    for cls in (nn.Linear, _OwnLinear):
+        torch.manual_seed(0)
+        layer = LoraLinear(cls(256, 384).to(base_dtype).requires_grad_(False))
+        w = layer.create("a", r=16, scaling=2.0, dropout=0.1, init=False)
+        layer.active = ("a",)
+        layer.train()
+        x = torch.randn(4, 32, 256, dtype=base_dtype, requires_grad=True)
+        torch.manual_seed(3)
+        with torch.autocast("cpu", dtype=autocast_dtype):
+            assert layer.path(x, layer.router.route) == ("fused" if cls is nn.Linear else "stacked")
+            y = layer(x)
+        assert y.dtype == autocast_dtype
+        grads = torch.autograd.grad(y.float().pow(2).sum(), [x, w.A, w.B])
+        assert [g.dtype for g in grads] == [base_dtype, torch.float32, torch.float32]
+        outputs.append((y, *grads))
+    for fused, stacked in zip(*outputs):
+        assert (fused.float() - stacked.float()).abs().max() <= 2e-2 * stacked.float().abs().max()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_dropout_is_unbiased_in_every_dtype(dtype):
     """E[keep / (1 − p)] = 1: the kept fraction of 2²⁰ draws lies within 5σ of 1 − p."""

@@ -123,48 +123,74 @@ class _FusedLoraLinear(torch.autograd.Function):
     the dropped-out input; the adapter's output is accumulated into the base output in place
     (``addmm_``), and in backward the two input-gradient paths share one buffer.
     Shapes: x [N, in], W [out, in] (or [in, out] when `w_in_out`, HF Conv1D), A [r, in], B [out, r];
-    `weight` is a `WeightSource`.
+    `weight` is a `WeightSource`. With a `dtype` (autocast's, see `fused_dtype`) every operand is
+    cast to it once, as autocast casts a linear layer's, the products run in it and y comes out
+    in it; the gradients come back in each input's own dtype.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, A, B, scaling, p, w_in_out):
-        W = _remember(ctx, weight)
+    def forward(ctx, x, weight, bias, A, B, scaling, p, w_in_out, dtype):
+        ctx.dtypes = x.dtype, A.dtype, B.dtype, None if bias is None else bias.dtype
+        W = _cast(_remember(ctx, weight), dtype)
+        x, bias, A, B = (_cast(t, dtype) for t in (x, bias, A, B))
         keep = dropout_keep(x, p) if p > 0 else None
         xd = x if keep is None else dropped(x, keep, p)
         h = mm_t(xd, A).mul_(scaling)  # (N, r), already scaled
         y = mm_t(x, W.T if w_in_out else W, bias)
         y.addmm_(h, B.T)
         ctx.save_for_backward(x, keep, h, A, B, None if ctx.remake else W)
-        ctx.scaling, ctx.p, ctx.w_in_out, ctx.has_bias = scaling, p, w_in_out, bias is not None
+        ctx.scaling, ctx.p, ctx.w_in_out, ctx.dtype = scaling, p, w_in_out, dtype
         return y
 
     @staticmethod
     def backward(ctx, g):
         x, keep, h, A, B, W = ctx.saved_tensors
         s, p = ctx.scaling, ctx.p
+        x_dtype, a_dtype, b_dtype, bias_dtype = ctx.dtypes
+        g = g.to(h.dtype)
         need_x, _, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
         g_h = mm_t(g, B.T).mul_(s)  # (N, r): dL/d(x_d Aᵀ)
         grad_x = grad_bias = grad_a = grad_bb = None
         if need_x:
-            W = W if W is not None else ctx.remake()
+            W = W if W is not None else _cast(ctx.remake(), ctx.dtype)
             grad_x = mm_t(g, W if ctx.w_in_out else W.T)
-            lora_in = mm_t(g_h, A.T)
-            grad_x.add_(lora_in if keep is None else dropped(lora_in, keep, p))
+            if keep is None:
+                grad_x.addmm_(g_h, A)
+            else:
+                grad_x.add_(dropped(mm_t(g_h, A.T), keep, p))
+            grad_x = grad_x.to(x_dtype)
         if need_a:
             xd = x if keep is None else dropped(x, keep, p)
-            grad_a = mm_tn(g_h, xd)  # g_hᵀ x_d   (r, in)
+            grad_a = mm_tn(g_h, xd).to(a_dtype)  # g_hᵀ x_d   (r, in)
         if need_bb:
-            grad_bb = mm_tn(g, h)  # gᵀ h   (out, r)
-        if need_b and ctx.has_bias:
-            grad_bias = g.sum(0)
-        return grad_x, None, grad_bias, grad_a, grad_bb, None, None, None
+            grad_bb = mm_tn(g, h).to(b_dtype)  # gᵀ h   (out, r)
+        if need_b and bias_dtype is not None:
+            grad_bias = g.sum(0).to(bias_dtype)
+        return grad_x, None, grad_bias, grad_a, grad_bb, None, None, None, None
+
+
+def _cast(t: Optional[Tensor], dtype: Optional[torch.dtype]) -> Optional[Tensor]:
+    """t in `dtype` (no copy when it already is in it), or t itself when either is None."""
+    return t if t is None or dtype is None else t.to(dtype)
+
+
+def fused_dtype(x: Tensor, A: Tensor) -> Optional[torch.dtype]:
+    """The dtype the fused kernel computes in for input x and adapter factor A, or None where
+    it does not apply. Under autocast on x's device: autocast's dtype (for the floating types
+    autocast casts, not fp64); otherwise x's dtype when A shares it. A bf16 input into fp32
+    factors outside autocast takes the composed path, whose adapter products run in fp32."""
+    if torch.is_autocast_enabled(x.device.type):
+        casts = x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        return torch.get_autocast_dtype(x.device.type) if casts else None
+    return x.dtype if x.dtype == A.dtype else None
 
 
 def fused_lora_linear(x: Tensor, weight: WeightSource, bias, A: Tensor, B: Tensor, scaling: float,
-                      p: float = 0.0, w_in_out: bool = False) -> Tensor:
+                      p: float = 0.0, w_in_out: bool = False, dtype: Optional[torch.dtype] = None) -> Tensor:
     """A frozen linear layer plus one LoRA adapter, for x [..., in] -> [..., out] (see
-    `_FusedLoraLinear`). `p` is the adapter's dropout probability (0 outside training)."""
-    return _on_rows(_FusedLoraLinear.apply, x, weight, bias, A, B, scaling, p, w_in_out)
+    `_FusedLoraLinear`). `p` is the adapter's dropout probability (0 outside training); `dtype`
+    the compute dtype (`fused_dtype`; None: x's own)."""
+    return _on_rows(_FusedLoraLinear.apply, x, weight, bias, A, B, scaling, p, w_in_out, dtype)
 
 
 class _FrozenLinear(torch.autograd.Function):

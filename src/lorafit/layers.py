@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import AdapterError, MergeError
-from .functional import WeightSource, delta_weight, dropout, merge_into
+from .functional import WeightSource, delta_weight, dropout, fused_dtype, merge_into
 from .registry import Variant, find_init
 from .routing import Route, Router
 
@@ -204,8 +204,9 @@ class LoraLayer(nn.Module):
         * ``"rows"``: a mixed batch; ``"gathered"`` when every adapter present stacks
           (`LoraWeights.gatherable`, no dropout running) and the kind gathers (linear);
         * ``"fused"``: one running adapter whose maths the fused kernel computes
-          (`LoraWeights.fusable`), a base weight the kernel reads (`kernel_weight`), the input in
-          the adapter's dtype, and no autocast (the kernel's products would not follow it);
+          (`LoraWeights.fusable`), a base weight the kernel reads (`kernel_weight`), and either
+          autocast on (the kernel computes in its dtype) or the input in the adapter's dtype
+          (`lorafit.functional.fused_dtype`);
         * ``"stacked"``: the base output, then each running adapter's `LoraWeights.apply`.
         """
         if route.disabled:
@@ -224,8 +225,8 @@ class LoraLayer(nn.Module):
         if not running:
             return "base"
         w = self.lora[running[0]]
-        if (len(running) == 1 and w.fusable and x.dtype == w.A.dtype and self.kernel_weight() is not None
-                and not torch.is_autocast_enabled(x.device.type)):
+        if (len(running) == 1 and w.fusable and fused_dtype(x, w.A) is not None
+                and self.kernel_weight() is not None):
             return "fused"
         return "stacked"
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..functional import WeightSource, frozen_linear, fused_lora_linear, lora_linear_delta
+from ..functional import WeightSource, frozen_linear, fused_dtype, fused_lora_linear, lora_linear_delta
 from ..layers import LoraLayer, LoraWeights
 from ..registry import LayerKind
 from ..routing import RowAdapters
@@ -53,7 +53,7 @@ class LoraLinear(LoraLayer):
     def forward_fused(self, x: Tensor, w: LoraWeights) -> Tensor:
         p = w.dropout_p if w.dropping else 0.0
         return fused_lora_linear(x, self.kernel_weight(), self.base_layer.bias, w.A, w.B, w.scaling, p,
-                                 self.fan_in_fan_out)
+                                 self.fan_in_fan_out, fused_dtype(x, w.A))
 
     def base_forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         """A base with a `kernel_weight` runs through `frozen_linear`, the kernel call of the fused
