@@ -213,6 +213,7 @@ def worker_train(side, size, workdir, quantize=None, precision="fp32", loss="tra
     facts = _quantize(model, quantize) if quantize else {}
     ids = _token_batch(s, s["batch"], s["seq"], device)
     forward = _forward_time(model, ids, s["steps"], device)
+    floor = _frozen_step_time(model, ids, s["steps"], device, dtype)
     wrapped = _wrap(side, model).train()
     for param in wrapped.parameters():
         if param.requires_grad:
@@ -224,6 +225,7 @@ def worker_train(side, size, workdir, quantize=None, precision="fp32", loss="tra
         seconds = _timed(step, s["steps"], device)
     tokens = s["batch"] * s["seq"]
     return {"step_s": seconds, "forward_s": forward, "step_over_2fwd": seconds / (2 * forward),
+            "step_over_frozen": seconds / floor,
             "step_over_2fwd_wrapped": seconds / (2 * wrapped_forward), "tokens_per_s": tokens / seconds,
             "peak_mem_mb": memory.above_window_mb, "peak_total_mb": memory.above_start_mb, **facts}
 
@@ -235,6 +237,24 @@ def _forward_time(model, ids, iters, device, **kwargs):
     with torch.inference_mode():
         model(input_ids=ids, **kwargs)
         return _timed(lambda: model(input_ids=ids, **kwargs), iters, device)
+
+
+def _frozen_step_time(model, ids, iters, device, dtype):
+    """Median seconds of ``model(labels=)`` forward and backward on the plain base with every
+    weight frozen (the input embeddings take the gradient), under autocast when `dtype` is not
+    fp32: what any LoRA step on this base costs before its adapters, the floor of its time."""
+    import torch
+
+    model.requires_grad_(False)
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+
+    def run():
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = model(inputs_embeds=embeds, labels=ids).loss
+        loss.backward()
+
+    run()
+    return _timed(run, iters, device)
 
 
 def _train_step(side, model, ids, device, dtype, loss_path="trainer"):
@@ -629,6 +649,12 @@ ROWS = [
     Row("train step, bf16 base + fp32 adapters (s)", _get("train_bf16", "step_s"), Target("ratio", 0.85)),
     Row("model(labels=) step, fp32 (s)", _get("step_labels", "step_s"), Target("ratio", 0.9)),
     Row("model(labels=) step, bf16 autocast (s)", _get("step_labels_autocast", "step_s"), Target("ratio", 0.9)),
+    Row("train step, bf16 base / the frozen base's forward + backward", _get("train_bf16", "step_over_frozen")),
+    Row("model(labels=) step, bf16 autocast / the frozen base's forward + backward",
+        _get("step_labels_autocast", "step_over_frozen")),
+    Row("train step, bf16 base: peak memory above the model (MB)", _get("train_bf16", "peak_mem_mb")),
+    Row("model(labels=) step, bf16 autocast: peak memory above the model (MB)",
+        _get("step_labels_autocast", "peak_mem_mb")),
     Row("train step / (2 x no-grad forward of the wrapped model)", _get("train", "step_over_2fwd_wrapped")),
     Row("inference: unmerged single adapter / base", _get("infer", "unmerged_over_base"), Target("lorafit", 1.05)),
     Row("inference: merged adapter / base", _get("infer", "merged_over_base"), Target("lorafit", 1.03)),
@@ -722,6 +748,15 @@ def _notes(results: dict) -> list[str]:
         notes.append("\"base\" is the plain PyTorch model, whose fp32 `mm` calls MKL (AVX2 code on non-Intel "
                      "CPUs); on x86 lorafit's layers compute their fp32 products with oneDNN's AVX-512 kernels "
                      "(`lorafit.functional.mm_t`), hence lorafit / base below 1.")
+    floors = [(case, cases[case], limit) for case, limit in (("train_bf16", 0.85), ("step_labels_autocast", 0.9))
+              if "step_over_frozen" in cases.get(case, {}).get("peft", {})]
+    if floors:
+        notes.append("\"the frozen base's forward + backward\" is `model(labels=)` on the plain base in the same "
+                     "precision with every weight frozen (the input embeddings take the gradient): the cost of a "
+                     "LoRA step before its adapters. " + "; ".join(
+                         f"{case}: PEFT's step is {c['peft']['step_over_frozen']:.2f}x it, so ≤ {limit:g} x PEFT "
+                         f"asks for lorafit's at {limit * c['peft']['step_over_frozen']:.2f}x"
+                         for case, c, limit in floors) + ".")
     if "sft" in cases:
         notes.append("SFT: the PEFT column is TRL's SFTTrainer with PEFT (no packing, no gradient checkpointing); "
                      "lorafit batches by length, 8 examples per step as well; one evaluator computes both eval "

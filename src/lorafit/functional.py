@@ -234,13 +234,12 @@ def _on_rows(fn, x: Tensor, *args) -> Tensor:
 
 def _chunk_cross_entropy(h: Tensor, weight: Tensor, bias, t: Tensor, want_grad: bool):
     """Summed CE of one chunk of rows, and (if `want_grad`) dL/dh for it: ``(softmax − onehot) W``."""
-    logits = mm_t(h, weight, bias).float()  # (c, V)
-    lse = torch.logsumexp(logits, dim=-1)
+    log_probs = torch.log_softmax(mm_t(h, weight, bias).float(), dim=-1)  # (c, V)
     rows = torch.arange(h.shape[0], device=h.device)
-    loss = (lse - logits[rows, t]).sum()
+    loss = -log_probs[rows, t].sum()
     if not want_grad:
         return loss, None
-    probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+    probs = log_probs.exp_()  # softmax, in place
     probs[rows, t] -= 1.0
     return loss, mm_t(probs.to(weight.dtype), weight.T).to(h.dtype)
 
@@ -274,9 +273,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None, None
 
 
-def linear_cross_entropy(hidden: Tensor, weight: Tensor, bias, targets: Tensor, chunk: int = 2048) -> Tensor:
+# Logits held at once by `linear_cross_entropy`: 2²⁴ fp32 values (64 MiB), 2048 rows of a
+# vocabulary of 8192, 128 rows of Llama 3's 128k.
+CROSS_ENTROPY_CHUNK = 1 << 24
+
+
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, bias, targets: Tensor,
+                         chunk: Optional[int] = None) -> Tensor:
     """``Σ_i CE(h_i Wᵀ + b, targets_i)`` for rows whose target is not -100, in fp32, computed in
-    chunks of `chunk` rows (see `_LinearCrossEntropy`). hidden [..., H], targets [...]."""
+    chunks of `chunk` rows (default: `CROSS_ENTROPY_CHUNK` logits) (see `_LinearCrossEntropy`).
+    hidden [..., H], targets [...]."""
+    chunk = chunk or max(1, CROSS_ENTROPY_CHUNK // weight.shape[0])
     hidden = hidden.reshape(-1, hidden.shape[-1])
     targets = targets.reshape(-1)
     keep = targets != -100
