@@ -254,7 +254,10 @@ def _frozen_step_time(model, ids, iters, device, dtype):
         loss.backward()
 
     run()
-    return _timed(run, iters, device)
+    seconds = _timed(run, iters, device)
+    del embeds
+    _release_freed_memory()  # so that the train step's memory window does not reuse what this freed
+    return seconds
 
 
 def _train_step(side, model, ids, device, dtype, loss_path="trainer"):
