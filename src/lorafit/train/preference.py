@@ -177,14 +177,13 @@ class PreferenceObjective:
     def reference_logps(self, model: Any, batch: dict[str, Tensor], device: torch.device,
                         dtype: torch.dtype) -> Tensor:
         """``log π_ref(y|x)`` per row (2B,): a no-grad forward in eval mode (no dropout) with the
-        adapter disabled, or with rows routed to the frozen `reference_adapter`."""
+        adapter disabled, or with the frozen `reference_adapter` active in its place."""
         if "ref_logps" in batch:
             return batch["ref_logps"].to(device)
         was_training = model.training
         model.eval()
-        rows = batch["input_ids"].shape[0]
         context = (model.disable_adapter() if self.reference_adapter is None
-                   else model.adapter_rows([self.reference_adapter] * rows))
+                   else model.using_adapter(self.reference_adapter))  # the policy's kernels, bit for bit
         try:
             with context:
                 return answer_logps(model, batch, device, dtype)[0]
