@@ -202,6 +202,21 @@ def test_fused_linear_follows_autocast(base_dtype, autocast_dtype):
         assert (fused.float() - stacked.float()).abs().max() <= 2e-2 * stacked.float().abs().max()
 
 
+def test_fused_linear_under_autocast_keeps_no_cast_copy_of_the_weight():
+    """What the node saves for backward under autocast: the fp32 base weight itself (cast again in
+    backward), not a bf16 copy of it alive from forward to backward."""
+    base = nn.Linear(64, 96).requires_grad_(False)
+    layer = LoraLinear(base)
+    layer.create("a", r=4, scaling=1.0, dropout=0.0, init=False)
+    layer.active = ("a",)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(torch.randn(8, 64, requires_grad=True))
+    node = next(f for f, _ in y.grad_fn.next_functions if f is not None and "Fused" in type(f).__name__)
+    weights = [t for t in node.saved_tensors if t is not None and t.shape == base.weight.shape]
+    assert len(weights) == 1 and weights[0].dtype == torch.float32
+    assert weights[0].data_ptr() == base.weight.data_ptr()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_dropout_is_unbiased_in_every_dtype(dtype):
     """E[keep / (1 − p)] = 1: the kept fraction of 2²⁰ draws lies within 5σ of 1 − p."""

@@ -124,21 +124,24 @@ class _FusedLoraLinear(torch.autograd.Function):
     (``addmm_``), and in backward the two input-gradient paths share one buffer.
     Shapes: x [N, in], W [out, in] (or [in, out] when `w_in_out`, HF Conv1D), A [r, in], B [out, r];
     `weight` is a `WeightSource`. With a `dtype` (autocast's, see `fused_dtype`) every operand is
-    cast to it once, as autocast casts a linear layer's, the products run in it and y comes out
-    in it; the gradients come back in each input's own dtype.
+    cast to it, as autocast casts a linear layer's, the products run in it and y comes out in it;
+    the gradients come back in each input's own dtype. The backward casts W again rather than
+    keeping its cast copy alive from forward to backward (autocast keeps one per layer: half an
+    fp32 model's weights in bf16).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, scaling, p, w_in_out, dtype):
         ctx.dtypes = x.dtype, A.dtype, B.dtype, None if bias is None else bias.dtype
-        W = _cast(_remember(ctx, weight), dtype)
+        source = _remember(ctx, weight)
+        W = _cast(source, dtype)
         x, bias, A, B = (_cast(t, dtype) for t in (x, bias, A, B))
         keep = dropout_keep(x, p) if p > 0 else None
         xd = x if keep is None else dropped(x, keep, p)
         h = mm_t(xd, A).mul_(scaling)  # (N, r), already scaled
         y = mm_t(x, W.T if w_in_out else W, bias)
         y.addmm_(h, B.T)
-        ctx.save_for_backward(x, keep, h, A, B, None if ctx.remake else W)
+        ctx.save_for_backward(x, keep, h, A, B, None if ctx.remake else source)
         ctx.scaling, ctx.p, ctx.w_in_out, ctx.dtype = scaling, p, w_in_out, dtype
         return y
 
@@ -152,7 +155,7 @@ class _FusedLoraLinear(torch.autograd.Function):
         g_h = mm_t(g, B.T).mul_(s)  # (N, r): dL/d(x_d Aᵀ)
         grad_x = grad_bias = grad_a = grad_bb = None
         if need_x:
-            W = W if W is not None else _cast(ctx.remake(), ctx.dtype)
+            W = _cast(W if W is not None else ctx.remake(), ctx.dtype)
             grad_x = mm_t(g, W if ctx.w_in_out else W.T)
             if keep is None:
                 grad_x.addmm_(g_h, A)
