@@ -80,14 +80,18 @@ def atomic_write_json(path: PathLike, obj: Any) -> None:
 @contextlib.contextmanager
 def staged_directory(target: PathLike, replace: bool = False) -> Iterator[Path]:
     """A new directory beside `target` (``.<name>.tmp-*``) to fill inside the block. When the block
-    ends normally it is renamed to `target` (replacing an existing `target` when `replace`, else
-    only an empty one); when it raises, it is removed. `target` appears whole or not at all."""
+    ends normally its files are fsync'ed and it is renamed to `target` (replacing an existing
+    `target` when `replace`, else only an empty one); when it raises, it is removed. `target`
+    appears whole or not at all, with whatever wrote into it (``save_pretrained``...) on disk."""
     target = Path(target)
     _make_dirs(target.parent)
     staging = target.parent / f".{target.name}.tmp-{secrets.token_hex(4)}"
     staging.mkdir()
     try:
         yield staging
+        for file in staging.rglob("*"):
+            if file.is_file():
+                _fsync_file(file)
         if target.exists():
             if replace:
                 shutil.rmtree(target)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import os
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
@@ -126,12 +125,6 @@ def save_base(model: LoraModel, path: Path, tokenizer: Any = None) -> None:
             model.model.save_pretrained(staging)
             if tokenizer is not None:
                 tokenizer.save_pretrained(staging)
-            for file in (f for f in staging.rglob("*") if f.is_file()):
-                descriptor = os.open(file, os.O_RDONLY)
-                try:
-                    os.fsync(descriptor)
-                finally:
-                    os.close(descriptor)
     finally:
         for name, wrapper in wrappers:  # outer first, at the paths they had
             replace_module(model.model, name, wrapper)
