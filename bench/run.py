@@ -262,21 +262,27 @@ def _frozen_step_time(model, ids, iters, device, dtype):
 
 def _train_step(side, model, ids, device, dtype, loss_path="trainer"):
     """One optimizer step as each library is used for causal-LM training: PEFT through the model's
-    own ``labels=`` loss (full logits), lorafit through its trainer's loss (`summed_loss`: hidden
-    states and a chunked cross-entropy) or, with ``loss_path="labels"``, the same call as PEFT;
-    both the mean over the same targets, under autocast when `dtype` is not fp32."""
+    own ``labels=`` loss (full logits) and torch's AdamW, lorafit through its trainer's loss
+    (`summed_loss`: hidden states and a chunked cross-entropy) and optimizer (`build_optimizer`:
+    fused AdamW) or, with ``loss_path="labels"``, the same loop as PEFT's; both the mean over the
+    same targets, under autocast when `dtype` is not fp32."""
     import torch
 
+    from lorafit.train.config import TrainConfig
     from lorafit.train.evaluation import summed_loss
     from lorafit.train.losses import causal_lm_targets
+    from lorafit.train.optim import build_optimizer
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    trainer = side == "lorafit" and loss_path == "trainer"
+    if trainer:
+        opt = build_optimizer(model, TrainConfig(lr=1e-4, weight_decay=0.01))
+    else:
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     batch = {"input_ids": ids, "labels": ids}
     targets = causal_lm_targets(ids)
 
     def loss():
-        if side == "peft" or loss_path == "labels":
+        if not trainer:
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                 return model(input_ids=ids, labels=ids).loss
         return summed_loss(model, batch, "causal_lm", device, dtype)[0] / targets

