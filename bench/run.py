@@ -55,7 +55,7 @@ MOE_TARGETS = ["experts.gate_up_proj", "experts.down_proj"]
 
 SIZES = {
     # the issue's tiny-but-real Llama: 6 layers, hidden 512, vocab 8000, batch 4 x 256
-    "default": dict(layers=6, hidden=512, heads=8, intermediate=1376, vocab=8000, batch=4, seq=256, steps=4,
+    "default": dict(layers=6, hidden=512, heads=8, intermediate=1376, vocab=8000, batch=4, seq=256, steps=8,
                     infer_batch=8, infer_seq=128, infer_iters=5, file_iters=3,
                     sft_model="default", sft_train=200, sft_eval=50, sft_repeats=1,
                     dpo_train=256, dpo_eval=44),
@@ -550,8 +550,9 @@ def median_dicts(runs: list[dict]) -> dict:
 
 
 def measure(case: str, size: str, repeats: int, workdir) -> dict:
-    """Medians per side of `repeats` alternating runs of `case`, and the highest 1-minute load
-    average seen after a run (a sign of other work on the machine)."""
+    """Medians per side of `repeats` alternating runs of `case`, lorafit / PEFT of each figure in
+    each pair of runs (``pairs``: how far a ratio moves between runs), and the highest 1-minute
+    load average seen after a run (a sign of other work on the machine)."""
     cap = CASES[case].repeats_key
     repeats = min(repeats, SIZES[size][cap]) if cap else repeats
     runs = {side: [] for side in SIDES}
@@ -560,7 +561,16 @@ def measure(case: str, size: str, repeats: int, workdir) -> dict:
         for side in SIDES if i % 2 == 0 else SIDES[::-1]:
             runs[side].append(run_worker(case, side, size, workdir))
             load = max(load, os.getloadavg()[0])
-    return {"repeats": repeats, "load_avg_max": load, **{side: median_dicts(r) for side, r in runs.items()}}
+    return {"repeats": repeats, "load_avg_max": load, "pairs": pair_ratios(runs["peft"], runs["lorafit"]),
+            **{side: median_dicts(r) for side, r in runs.items()}}
+
+
+def pair_ratios(peft_runs: list[dict], lorafit_runs: list[dict]) -> dict:
+    """Per numeric figure both sides report: lorafit / PEFT of the i-th run of each side, for every i."""
+    numeric = [key for key, value in peft_runs[0].items()
+               if key in lorafit_runs[0] and isinstance(value, (int, float)) and not isinstance(value, bool)]
+    return {key: [ours[key] / theirs[key] for theirs, ours in zip(peft_runs, lorafit_runs)]
+            for key in numeric if all(theirs[key] for theirs in peft_runs)}
 
 
 def main(argv=None) -> int:
@@ -646,8 +656,15 @@ class Row:
     target: Optional[Target] = None
 
 
-def _get(case, metric):
-    return lambda cases, side: cases[case][side][metric]
+@dataclass(frozen=True)
+class _get:
+    """A row's figure read as it was measured: ``cases[case][side][metric]``."""
+
+    case: str
+    metric: str
+
+    def __call__(self, cases: dict, side: str) -> float:
+        return cases[self.case][side][self.metric]
 
 
 ROWS = [
@@ -766,6 +783,12 @@ def _notes(results: dict) -> list[str]:
                          f"{case}: PEFT's step is {c['peft']['step_over_frozen']:.2f}x it, so ≤ {limit:g} x PEFT "
                          f"asks for lorafit's at {limit * c['peft']['step_over_frozen']:.2f}x"
                          for case, c, limit in floors) + ".")
+    spread = [f"{row.label.split(' (')[0]} {min(r):.2f}-{max(r):.2f}" for row in ROWS
+              if row.target is not None and row.target.of == "ratio" and isinstance(row.value, _get)
+              for r in [cases.get(row.value.case, {}).get("pairs", {}).get(row.value.metric)] if r and len(r) > 1]
+    if spread:
+        notes.append("lorafit / PEFT of each pair of runs (one per side, back to back), lowest-highest: "
+                     + "; ".join(spread) + ".")
     if "sft" in cases:
         notes.append("SFT: the PEFT column is TRL's SFTTrainer with PEFT (no packing, no gradient checkpointing); "
                      "lorafit batches by length, 8 examples per step as well; one evaluator computes both eval "

@@ -27,7 +27,8 @@ def test_the_benchmark_runs_at_tiny_size(tmp_path):
     assert set(results["cases"]) | set(results["skipped"]) == CASES
     for case, sides in results["cases"].items():
         assert sides["repeats"] == 1
-        assert set(sides) == {"repeats", "load_avg_max", "peft", "lorafit"}, case
+        assert set(sides) == {"repeats", "load_avg_max", "pairs", "peft", "lorafit"}, case
+        assert all(len(ratios) == 1 for ratios in sides["pairs"].values()), case
     if "sft" in results["cases"]:
         sft = results["cases"]["sft"]
         assert sft["peft"]["same_tokens"] == 1.0  # TRL and lorafit trained on the same tokens
@@ -48,14 +49,20 @@ def test_the_benchmark_runs_at_tiny_size(tmp_path):
         assert (ROOT / "README.md").read_bytes() == readme
 
 
-def test_a_partial_run_fills_its_own_readme_section(tmp_path, monkeypatch):
-    """``--out NAME.json`` renders into ``<!-- bench:NAME:start -->``, leaving the main table alone."""
+@pytest.fixture
+def bench(monkeypatch):
+    """bench/run.py as a module."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("bench_run", ROOT / "bench" / "run.py")
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "bench_run", bench)  # its dataclasses look their module up
-    spec.loader.exec_module(bench)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_run", module)  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_partial_run_fills_its_own_readme_section(tmp_path, monkeypatch, bench):
+    """``--out NAME.json`` renders into ``<!-- bench:NAME:start -->``, leaving the main table alone."""
     readme = tmp_path / "README.md"
     readme.write_text("a\n<!-- bench:start -->\nmain\n<!-- bench:end -->\nb\n"
                       "<!-- bench:part:start -->\nold\n<!-- bench:part:end -->\nc\n")
@@ -65,3 +72,14 @@ def test_a_partial_run_fills_its_own_readme_section(tmp_path, monkeypatch):
     table = (tmp_path / "part.md").read_text().strip()
     assert readme.read_text() == ("a\n<!-- bench:start -->\nmain\n<!-- bench:end -->\nb\n"
                                   f"<!-- bench:part:start -->\n{table}\n<!-- bench:part:end -->\nc\n")
+
+
+def test_the_notes_give_each_ratio_targets_spread_over_the_pairs_of_runs(bench):
+    peft_runs = [{"step_s": 1.0, "flag": True}, {"step_s": 2.0, "flag": True}, {"step_s": 1.0, "flag": True}]
+    lorafit_runs = [{"step_s": 0.8, "flag": True}, {"step_s": 1.9, "flag": True}, {"step_s": 0.9, "flag": True}]
+    pairs = bench.pair_ratios(peft_runs, lorafit_runs)
+    assert pairs == {"step_s": pytest.approx([0.8, 0.95, 0.9])}
+    results = json.loads((ROOT / "bench" / "precision-results.json").read_text())
+    results["cases"]["train_bf16"]["pairs"] = pairs
+    notes = bench._notes(results)
+    assert "train step, bf16 base + fp32 adapters 0.80-0.95" in " ".join(notes)
