@@ -240,7 +240,7 @@ class LoraLayer(nn.Module):
         if path == "fused":
             return self.forward_fused(x, self.lora[self.running(route)[0]])
         if path == "gathered":
-            return self.base_forward(x, *args, **kwargs) + self.forward_gathered(x, route.rows)
+            return self.forward_gathered(x, route.rows, self.base_forward(x, *args, **kwargs))
         if path == "rows":
             return self.forward_rows(x, route, *args, **kwargs)
         result = self.base_forward(x, *args, **kwargs)
@@ -255,7 +255,8 @@ class LoraLayer(nn.Module):
     def forward_fused(self, x: Tensor, w: LoraWeights) -> Tensor:
         raise NotImplementedError  # only kinds with a kernel_weight reach the fused path
 
-    def forward_gathered(self, x: Tensor, rows) -> Tensor:
+    def forward_gathered(self, x: Tensor, rows, base: Tensor) -> Tensor:
+        """A mixed batch's output: `base`, the base layer's output, plus each row's adapter."""
         raise NotImplementedError  # only kinds that set `gathers`
 
     def forward_rows(self, x: Tensor, route: Route, *args, **kwargs) -> Tensor:

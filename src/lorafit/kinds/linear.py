@@ -75,24 +75,33 @@ class LoraLinear(LoraLayer):
             return None
         return base.weight
 
-    def forward_gathered(self, x: Tensor, rows: RowAdapters) -> Tensor:
-        """``s_i · B_i A_i x_i`` for every row i at once: the adapters' factors are zero-padded
-        to a common rank, stacked (with a zero slot for base rows), gathered per row and applied
-        with two batched matmuls (the Punica / S-LoRA idea)."""
+    def forward_gathered(self, x: Tensor, rows: RowAdapters, base: Tensor) -> Tensor:
+        """``base_i + s_i · B_i A_i x_i`` for every row i at once: the adapters' factors are
+        zero-padded to a common rank and stacked (with a zero slot for base rows), gathered per
+        row and applied with two batched matmuls, the second accumulating into the base output in
+        place (the Punica / S-LoRA idea). x [b, ..., in], base [b, ..., out]."""
         slots, _ = rows.indices(x.device)
         weights = [self.lora[n] if n in self.lora else None for n in rows.present]
         r_max = max((w.rank for w in weights if w is not None), default=1)
         dtype = next((w.A.dtype for w in weights if w is not None), x.dtype)
         zero_a = x.new_zeros((r_max, self.in_features), dtype=dtype)
         zero_b = x.new_zeros((self.out_features, r_max), dtype=dtype)
-        a_stack = torch.stack([zero_a if w is None else F.pad(w.A, (0, 0, 0, r_max - w.rank))
-                               for w in weights] + [zero_a])  # (n+1, r_max, in)
-        b_stack = torch.stack([zero_b if w is None else F.pad(w.B * w.scaling, (0, r_max - w.rank))
-                               for w in weights] + [zero_b])  # (n+1, out, r_max)
+        a_stack = torch.stack([zero_a if w is None else _pad_rank(w.A, 0, r_max) for w in weights] + [zero_a])
+        b_stack = torch.stack([zero_b if w is None else _pad_rank(w.B, 1, r_max) for w in weights] + [zero_b])
+        scales = torch.tensor([0.0 if w is None else w.scaling for w in weights] + [0.0], dtype=dtype, device=x.device)
         xb = x.reshape(x.shape[0], -1, self.in_features).to(dtype)  # (b, T, in)
-        h = torch.bmm(xb, a_stack[slots].transpose(1, 2))  # (b, T, r_max)
-        out = torch.bmm(h, b_stack[slots].transpose(1, 2))  # (b, T, out)
-        return out.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        h = torch.bmm(xb, a_stack[slots].transpose(1, 2)).mul_(scales[slots, None, None])  # (b, T, r_max)
+        out = base.reshape(xb.shape[0], xb.shape[1], -1).to(h.dtype)  # (b, T, out); base itself if it can
+        out.baddbmm_(h, b_stack[slots].transpose(1, 2).to(h.dtype))
+        return out.reshape(base.shape).to(base.dtype)
+
+
+def _pad_rank(factor: Tensor, dim: int, r_max: int) -> Tensor:
+    """`factor` with its rank dimension `dim` zero-padded to `r_max` (itself when it has that rank)."""
+    missing = r_max - factor.shape[dim]
+    if not missing:
+        return factor
+    return F.pad(factor, (0, 0, 0, missing) if dim == 0 else (0, missing))
 
 
 LINEAR = LayerKind("linear", lambda m: isinstance(m, nn.Linear), LoraLinear, linear=True)
