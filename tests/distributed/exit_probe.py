@@ -4,6 +4,7 @@ it runs after `train` returned."""
 
 import os
 import sys
+import time
 
 from lorafit.train import distributed, trainer
 from lorafit.train.config import load_run_config
@@ -23,8 +24,19 @@ def counting_close(group):
     close(group)
 
 
+def threads_left_after_close() -> int:
+    """gloo threads still listed after `train` returned, allowing 2 s for the kernel to reap the
+    ones the group's destructor joined: a joined thread can stay in /proc/PID/task for a moment
+    (pthread_join returns when the thread clears its tid, before the kernel releases it); a group
+    that was never freed keeps its threads running, and they stay."""
+    deadline = time.monotonic() + 2.0
+    while gloo_threads() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return gloo_threads()
+
+
 distributed.close = counting_close
 trainer.train(load_run_config(sys.argv[1]))
-print(f"rank {os.environ['RANK']}: {running[0]} gloo threads in the group, {gloo_threads()} after it closed",
-      flush=True)
+print(f"rank {os.environ['RANK']}: {running[0]} gloo threads in the group, {threads_left_after_close()} after it "
+      f"closed", flush=True)
 sys.exit(0)
