@@ -544,9 +544,13 @@ def median_dicts(runs: list[dict]) -> dict:
     out = {}
     for key in runs[0]:
         values = [r[key] for r in runs]
-        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-        out[key] = statistics.median(values) if numeric else values[0]
+        out[key] = statistics.median(values) if all(map(_is_number, values)) else values[0]
     return out
+
+
+def _is_number(value) -> bool:
+    """A measured figure (a flag is not one)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def measure(case: str, size: str, repeats: int, workdir) -> dict:
@@ -567,8 +571,7 @@ def measure(case: str, size: str, repeats: int, workdir) -> dict:
 
 def pair_ratios(peft_runs: list[dict], lorafit_runs: list[dict]) -> dict:
     """Per numeric figure both sides report: lorafit / PEFT of the i-th run of each side, for every i."""
-    numeric = [key for key, value in peft_runs[0].items()
-               if key in lorafit_runs[0] and isinstance(value, (int, float)) and not isinstance(value, bool)]
+    numeric = [key for key, value in peft_runs[0].items() if key in lorafit_runs[0] and _is_number(value)]
     return {key: [ours[key] / theirs[key] for theirs, ours in zip(peft_runs, lorafit_runs)]
             for key in numeric if all(theirs[key] for theirs in peft_runs)}
 
@@ -767,6 +770,13 @@ def _load_peak(results: dict) -> str:
             f"{results['machine']['threads']})")
 
 
+def _pairs_of(row: Row, cases: dict) -> list[float]:
+    """lorafit / PEFT per pair of runs of a row with a ratio target (empty where not recorded)."""
+    if row.target is None or row.target.of != "ratio" or not isinstance(row.value, _get):
+        return []
+    return cases.get(row.value.case, {}).get("pairs", {}).get(row.value.metric, [])
+
+
 def _notes(results: dict) -> list[str]:
     """What a reader needs to read the table right."""
     cases, notes = results["cases"], []
@@ -783,9 +793,8 @@ def _notes(results: dict) -> list[str]:
                          f"{case}: PEFT's step is {c['peft']['step_over_frozen']:.2f}x it, so ≤ {limit:g} x PEFT "
                          f"asks for lorafit's at {limit * c['peft']['step_over_frozen']:.2f}x"
                          for case, c, limit in floors) + ".")
-    spread = [f"{row.label.split(' (')[0]} {min(r):.2f}-{max(r):.2f}" for row in ROWS
-              if row.target is not None and row.target.of == "ratio" and isinstance(row.value, _get)
-              for r in [cases.get(row.value.case, {}).get("pairs", {}).get(row.value.metric)] if r and len(r) > 1]
+    spread = [f"{row.label.split(' (')[0]} {min(ratios):.2f}-{max(ratios):.2f}"
+              for row, ratios in ((row, _pairs_of(row, cases)) for row in ROWS) if len(ratios) > 1]
     if spread:
         notes.append("lorafit / PEFT of each pair of runs (one per side, back to back), lowest-highest: "
                      + "; ".join(spread) + ".")

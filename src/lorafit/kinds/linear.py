@@ -87,10 +87,10 @@ class LoraLinear(LoraLayer):
         zero_a = x.new_zeros((r_max, self.in_features), dtype=dtype)
         zero_b = x.new_zeros((self.out_features, r_max), dtype=dtype)
         a_stack = torch.stack([zero_a if w is None else _pad_rank(w.A, 0, r_max) for w in weights] + [zero_a])
-        b_stack = torch.stack([zero_b if w is None else _pad_rank(w.B, 1, r_max) for w in weights] + [zero_b])
-        scales = torch.tensor([0.0 if w is None else w.scaling for w in weights] + [0.0], dtype=dtype, device=x.device)
+        b_stack = torch.stack([zero_b if w is None else _pad_rank(w.B * w.scaling, 1, r_max)
+                               for w in weights] + [zero_b])
         xb = x.reshape(x.shape[0], -1, self.in_features).to(dtype)  # (b, T, in)
-        h = torch.bmm(xb, a_stack[slots].transpose(1, 2)).mul_(scales[slots, None, None])  # (b, T, r_max)
+        h = torch.bmm(xb, a_stack[slots].transpose(1, 2))  # (b, T, r_max)
         out = base.reshape(xb.shape[0], xb.shape[1], -1).to(h.dtype)  # (b, T, out); base itself if it can
         out.baddbmm_(h, b_stack[slots].transpose(1, 2).to(h.dtype))
         return out.reshape(base.shape).to(base.dtype)
