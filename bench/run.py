@@ -201,7 +201,9 @@ def worker_train(side, size, workdir, quantize=None, precision="fp32", loss="tra
     under bf16 autocast: what `lorafit train` does under ``dtype: auto`` on a bf16 machine, and
     PEFT's best CPU setting there); ``autocast`` (an fp32 base under bf16 autocast, as HF
     ``Trainer(bf16=True)`` runs). `loss`: ``trainer`` (lorafit through its trainer's loss) or
-    ``labels`` (both through ``model(input_ids, labels=...)``)."""
+    ``labels`` (both through ``model(input_ids, labels=...)``). In low precision also the step's
+    bound (`_lora_products_time`): the frozen base's step with the side's own loss plus the LoRA
+    products alone."""
     import torch
 
     s, device = SIZES[size], _device()
@@ -213,7 +215,10 @@ def worker_train(side, size, workdir, quantize=None, precision="fp32", loss="tra
     facts = _quantize(model, quantize) if quantize else {}
     ids = _token_batch(s, s["batch"], s["seq"], device)
     forward = _forward_time(model, ids, s["steps"], device)
+    products = _lora_products_time(model, ids.numel(), s["steps"], device, dtype) if dtype != torch.float32 else None
     floor = _frozen_step_time(model, ids, s["steps"], device, dtype)
+    trainer = side == "lorafit" and loss == "trainer"
+    own_floor = _frozen_step_time(model, ids, s["steps"], device, dtype, trainer) if products and trainer else floor
     wrapped = _wrap(side, model).train()
     for param in wrapped.parameters():
         if param.requires_grad:
@@ -224,10 +229,11 @@ def worker_train(side, size, workdir, quantize=None, precision="fp32", loss="tra
         step()  # warm-up (allocator, optimizer state)
         seconds = _timed(step, s["steps"], device)
     tokens = s["batch"] * s["seq"]
+    bound = {"bound_s": own_floor + products, "step_over_bound": seconds / (own_floor + products)} if products else {}
     return {"step_s": seconds, "forward_s": forward, "step_over_2fwd": seconds / (2 * forward),
             "step_over_frozen": seconds / floor,
             "step_over_2fwd_wrapped": seconds / (2 * wrapped_forward), "tokens_per_s": tokens / seconds,
-            "peak_mem_mb": memory.above_window_mb, "peak_total_mb": memory.above_start_mb, **facts}
+            "peak_mem_mb": memory.above_window_mb, "peak_total_mb": memory.above_start_mb, **bound, **facts}
 
 
 def _forward_time(model, ids, iters, device, **kwargs):
@@ -239,19 +245,16 @@ def _forward_time(model, ids, iters, device, **kwargs):
         return _timed(lambda: model(input_ids=ids, **kwargs), iters, device)
 
 
-def _frozen_step_time(model, ids, iters, device, dtype):
-    """Median seconds of ``model(labels=)`` forward and backward on the plain base with every
-    weight frozen (the input embeddings take the gradient), under autocast when `dtype` is not
-    fp32: what any LoRA step on this base costs before its adapters, the floor of its time."""
-    import torch
-
+def _frozen_step_time(model, ids, iters, device, dtype, trainer=False):
+    """Median seconds of forward and backward on the plain base with every weight frozen (the
+    input embeddings take the gradient), with `_mean_loss` (``model(labels=)``, or lorafit's
+    trainer loss with `trainer`), under autocast when `dtype` is not fp32: what any LoRA step on
+    this base costs before its adapters, the floor of its time."""
     model.requires_grad_(False)
     embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
 
     def run():
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss = model(inputs_embeds=embeds, labels=ids).loss
-        loss.backward()
+        _mean_loss(model, {"inputs_embeds": embeds}, ids, device, dtype, trainer).backward()
 
     run()
     seconds = _timed(run, iters, device)
@@ -260,17 +263,68 @@ def _frozen_step_time(model, ids, iters, device, dtype):
     return seconds
 
 
+def _lora_products_time(model, rows, iters, device, dtype, r=16):
+    """Median seconds of the LoRA products of one training step alone, in `dtype`, through
+    lorafit's kernels for them (`mm_t`, `mm_tn`): for every targeted linear layer (in -> out),
+    forward ``h = x Aᵀ`` and ``y += h Bᵀ``, backward ``g_h = g B``, ``g_x += g_h A``,
+    ``g_A = g_hᵀ x`` and ``g_B = gᵀ h``, with x [rows, in] and rank `r`. Added to the frozen step
+    (`_frozen_step_time`) this bounds an adapter library's step from below, where the base runs
+    through the same kernels in both (not fp32: there lorafit's own kernels run the base too).
+    Random operands, one set per layer shape."""
+    import torch
+
+    from lorafit.functional import mm_t, mm_tn
+
+    shapes = [(m.in_features, m.out_features) for name, m in model.model.layers.named_modules()
+              if name.rsplit(".", 1)[-1] in TARGETS]
+
+    def randn(*shape):
+        return torch.randn(shape, dtype=dtype, device=device) * 0.02
+
+    operands = {(n_in, n_out): (randn(rows, n_in), randn(rows, n_out), randn(r, n_in), randn(n_out, r),
+                                randn(rows, n_out), randn(rows, n_in)) for n_in, n_out in set(shapes)}
+
+    def run():
+        for shape in shapes:
+            x, g, A, B, y, g_x = operands[shape]
+            h = mm_t(x, A)
+            y.addmm_(h, B.T)
+            g_h = mm_t(g, B.T)
+            g_x.addmm_(g_h, A)
+            mm_tn(g_h, x)
+            mm_tn(g, h)
+
+    run()
+    seconds = _timed(run, iters, device)
+    del operands
+    _release_freed_memory()
+    return seconds
+
+
+def _mean_loss(model, inputs, ids, device, dtype, trainer):
+    """The mean causal-LM loss on `ids` of `model` fed `inputs` (``input_ids`` or
+    ``inputs_embeds``), as each library is used: ``model(labels=)`` (full logits), or lorafit's
+    trainer loss with `trainer` (`summed_loss`: hidden states and a chunked cross-entropy); under
+    autocast when `dtype` is not fp32."""
+    import torch
+
+    from lorafit.train.evaluation import summed_loss
+    from lorafit.train.losses import causal_lm_targets
+
+    if not trainer:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            return model(**inputs, labels=ids).loss
+    return summed_loss(model, {**inputs, "labels": ids}, "causal_lm", device, dtype)[0] / causal_lm_targets(ids)
+
+
 def _train_step(side, model, ids, device, dtype, loss_path="trainer"):
     """One optimizer step as each library is used for causal-LM training: PEFT through the model's
-    own ``labels=`` loss (full logits) and torch's AdamW, lorafit through its trainer's loss
-    (`summed_loss`: hidden states and a chunked cross-entropy) and optimizer (`build_optimizer`:
-    fused AdamW) or, with ``loss_path="labels"``, the same loop as PEFT's; both the mean over the
-    same targets, under autocast when `dtype` is not fp32."""
+    own ``labels=`` loss and torch's AdamW, lorafit through its trainer's loss and optimizer
+    (`build_optimizer`: fused AdamW) or, with ``loss_path="labels"``, the same loop as PEFT's
+    (`_mean_loss`)."""
     import torch
 
     from lorafit.train.config import TrainConfig
-    from lorafit.train.evaluation import summed_loss
-    from lorafit.train.losses import causal_lm_targets
     from lorafit.train.optim import build_optimizer
 
     trainer = side == "lorafit" and loss_path == "trainer"
@@ -278,17 +332,9 @@ def _train_step(side, model, ids, device, dtype, loss_path="trainer"):
         opt = build_optimizer(model, TrainConfig(lr=1e-4, weight_decay=0.01))
     else:
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    batch = {"input_ids": ids, "labels": ids}
-    targets = causal_lm_targets(ids)
-
-    def loss():
-        if not trainer:
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                return model(input_ids=ids, labels=ids).loss
-        return summed_loss(model, batch, "causal_lm", device, dtype)[0] / targets
 
     def step():
-        loss().backward()
+        _mean_loss(model, {"input_ids": ids}, ids, device, dtype, trainer).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -681,6 +727,9 @@ ROWS = [
     Row("train step, bf16 base / the frozen base's forward + backward", _get("train_bf16", "step_over_frozen")),
     Row("model(labels=) step, bf16 autocast / the frozen base's forward + backward",
         _get("step_labels_autocast", "step_over_frozen")),
+    Row("train step, bf16 base / its bound (frozen base with the same loss + LoRA products alone)",
+        _get("train_bf16", "step_over_bound")),
+    Row("model(labels=) step, bf16 autocast / its bound (as above)", _get("step_labels_autocast", "step_over_bound")),
     Row("train step, bf16 base: peak memory above the model (MB)", _get("train_bf16", "peak_mem_mb")),
     Row("model(labels=) step, bf16 autocast: peak memory above the model (MB)",
         _get("step_labels_autocast", "peak_mem_mb")),
@@ -793,6 +842,15 @@ def _notes(results: dict) -> list[str]:
                          f"{case}: PEFT's step is {c['peft']['step_over_frozen']:.2f}x it, so ≤ {limit:g} x PEFT "
                          f"asks for lorafit's at {limit * c['peft']['step_over_frozen']:.2f}x"
                          for case, c, limit in floors) + ".")
+    bounds = [(case, cases[case], limit) for case, limit in (("train_bf16", 0.85), ("step_labels_autocast", 0.9))
+              if "bound_s" in cases.get(case, {}).get("lorafit", {})]
+    if bounds:
+        notes.append("\"its bound\" adds to that frozen step, taken with the side's own loss (lorafit's trainer "
+                     "computes the loss from hidden states in chunks), the LoRA products of the step timed alone "
+                     "(6 per layer, rank 16, `_lora_products_time`): no adapter code runs below it, since the "
+                     "base's products run in the same kernels for both. " + "; ".join(
+                         f"{case}: lorafit's bound is {c['lorafit']['bound_s'] / c['peft']['step_s']:.2f} x PEFT's "
+                         f"step (target {limit:g})" for case, c, limit in bounds) + ".")
     spread = [f"{row.label.split(' (')[0]} {min(ratios):.2f}-{max(ratios):.2f}"
               for row, ratios in ((row, _pairs_of(row, cases)) for row in ROWS) if len(ratios) > 1]
     if spread:

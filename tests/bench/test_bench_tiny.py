@@ -29,6 +29,9 @@ def test_the_benchmark_runs_at_tiny_size(tmp_path):
         assert sides["repeats"] == 1
         assert set(sides) == {"repeats", "load_avg_max", "pairs", "peft", "lorafit"}, case
         assert all(len(ratios) == 1 for ratios in sides["pairs"].values()), case
+    for case in ("train_bf16", "step_labels_autocast"):  # low precision: the step's bound is measured
+        assert all(results["cases"][case][side]["bound_s"] > 0 for side in ("peft", "lorafit")), case
+    assert "bound_s" not in results["cases"]["train"]["lorafit"]
     if "sft" in results["cases"]:
         sft = results["cases"]["sft"]
         assert sft["peft"]["same_tokens"] == 1.0  # TRL and lorafit trained on the same tokens
@@ -83,3 +86,11 @@ def test_the_notes_give_each_ratio_targets_spread_over_the_pairs_of_runs(bench):
     results["cases"]["train_bf16"]["pairs"] = pairs
     notes = bench._notes(results)
     assert "train step, bf16 base + fp32 adapters 0.80-0.95" in " ".join(notes)
+
+
+def test_the_notes_give_lorafits_bound_against_peft(bench):
+    results = json.loads((ROOT / "bench" / "precision-results.json").read_text())
+    case = results["cases"]["train_bf16"]
+    case["lorafit"]["bound_s"] = 0.8 * case["peft"]["step_s"]
+    notes = " ".join(bench._notes(results))
+    assert "train_bf16: lorafit's bound is 0.80 x PEFT's step (target 0.85)" in notes
