@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -108,3 +109,29 @@ def test_frozen_linear_and_chunked_cross_entropy_at_real_size_match_fp64():
     loss64 = F.cross_entropy((h64 @ head.double().T).reshape(-1, 8000), targets.reshape(-1), reduction="sum")
     (gh64,) = torch.autograd.grad(loss64, h64)
     assert abs(loss.item() - loss64.item()) / loss64.item() < 1e-5 and _rel(gh, gh64) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["own dtype", "bf16 compute"])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_fused_and_frozen_linear_without_a_graph_equal_the_autograd_nodes(dtype, p):
+    """Inference skips the autograd node (no ctx, nothing saved) and gives the node's output bit
+    for bit: the same products, the same dropout mask for a seed, a callable weight, HF Conv1D's
+    [in, out] layout."""
+    from lorafit.functional import frozen_linear, fused_lora_linear
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 128, 1024)
+    W, b = torch.randn(1024, 768) / 32, torch.randn(768)
+    A, B = (torch.randn(16, 1024) / 32).requires_grad_(), (torch.randn(768, 16) / 4).requires_grad_()
+    outputs = []
+    for grad in (True, False):
+        torch.manual_seed(7)
+        with torch.set_grad_enabled(grad):
+            y = fused_lora_linear(x, lambda: W, b, A, B, 2.0, p=p, w_in_out=True, dtype=dtype)
+            base = frozen_linear(x, W, b, w_in_out=True)
+        assert (y.grad_fn is not None) == grad and base.grad_fn is None
+        outputs.append((y, base))
+    (with_graph, base_with_graph), (without, base_without) = outputs
+    assert with_graph.dtype == without.dtype == (dtype or torch.float32)
+    assert torch.equal(with_graph, without) and torch.equal(base_with_graph, base_without)
+    assert torch.equal(base_without, frozen_linear(x.requires_grad_(), W, b, w_in_out=True).detach())

@@ -62,8 +62,8 @@ def onednn_applies(x: Tensor, w: Tensor, macs: Optional[int] = None) -> bool:
     # Under torch.compile the plain ops are traced instead: Inductor picks its own GEMM, and its
     # lowering of this oneDNN op only accepts constant (frozen) weights. Under CPU autocast the
     # plain ops keep following autocast.
-    return (ONEDNN_LINEAR is not None and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32
-            and macs >= ONEDNN_MIN_MACS and not torch.compiler.is_compiling()
+    return (macs >= ONEDNN_MIN_MACS and ONEDNN_LINEAR is not None and x.dtype == w.dtype == torch.float32
+            and x.device.type == "cpu" and not torch.compiler.is_compiling()
             and not torch.is_autocast_enabled("cpu"))
 
 
@@ -134,13 +134,9 @@ class _FusedLoraLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, A, B, scaling, p, w_in_out, dtype):
         ctx.dtypes = x.dtype, A.dtype, B.dtype, None if bias is None else bias.dtype
         source = _remember(ctx, weight)
-        W = _cast(source, dtype)
-        x, bias, A, B = (_cast(t, dtype) for t in (x, bias, A, B))
+        x, W, bias, A, B = (_cast(t, dtype) for t in (x, source, bias, A, B))
         keep = dropout_keep(x, p) if p > 0 else None
-        xd = x if keep is None else dropped(x, keep, p)
-        h = mm_t(xd, A).mul_(scaling)  # (N, r), already scaled
-        y = mm_t(x, W.T if w_in_out else W, bias)
-        y.addmm_(h, B.T)
+        y, h = _fused_forward(x, W, bias, A, B, scaling, keep, p, w_in_out)
         ctx.save_for_backward(x, keep, h, A, B, None if ctx.remake else source)
         ctx.scaling, ctx.p, ctx.w_in_out, ctx.dtype = scaling, p, w_in_out, dtype
         return y
@@ -150,7 +146,7 @@ class _FusedLoraLinear(torch.autograd.Function):
         x, keep, h, A, B, W = ctx.saved_tensors
         s, p = ctx.scaling, ctx.p
         x_dtype, a_dtype, b_dtype, bias_dtype = ctx.dtypes
-        g = g.to(h.dtype)
+        g = _cast(g, h.dtype)
         need_x, _, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
         g_h = mm_t(g, B.T).mul_(s)  # (N, r): dL/d(x_d Aᵀ)
         grad_x = grad_bias = grad_a = grad_bb = None
@@ -161,20 +157,49 @@ class _FusedLoraLinear(torch.autograd.Function):
                 grad_x.addmm_(g_h, A)
             else:
                 grad_x.add_(dropped(mm_t(g_h, A.T), keep, p))
-            grad_x = grad_x.to(x_dtype)
+            grad_x = _cast(grad_x, x_dtype)
         if need_a:
             xd = x if keep is None else dropped(x, keep, p)
-            grad_a = mm_tn(g_h, xd).to(a_dtype)  # g_hᵀ x_d   (r, in)
+            grad_a = _cast(mm_tn(g_h, xd), a_dtype)  # g_hᵀ x_d   (r, in)
         if need_bb:
-            grad_bb = mm_tn(g, h).to(b_dtype)  # gᵀ h   (out, r)
+            grad_bb = _cast(mm_tn(g, h), b_dtype)  # gᵀ h   (out, r)
         if need_b and bias_dtype is not None:
-            grad_bias = g.sum(0).to(bias_dtype)
+            grad_bias = _cast(g.sum(0), bias_dtype)
         return grad_x, None, grad_bias, grad_a, grad_bb, None, None, None, None
 
 
+def _fused_forward(x: Tensor, W: Tensor, bias, A: Tensor, B: Tensor, scaling: float, keep: Optional[Tensor],
+                   p: float, w_in_out: bool) -> tuple[Tensor, Tensor]:
+    """`_FusedLoraLinear`'s output y [N, out] and its scaled rank-r activation
+    ``h = s · x_d Aᵀ`` [N, r], every operand already in the compute dtype; `keep` is the dropout
+    mask or None."""
+    xd = x if keep is None else dropped(x, keep, p)
+    h = mm_t(xd, A).mul_(scaling)
+    y = mm_t(x, W.T if w_in_out else W, bias)
+    y.addmm_(h, B.T)
+    return y, h
+
+
+def _fused_without_graph(x, weight, bias, A, B, scaling, p, w_in_out, dtype):
+    """`_FusedLoraLinear` where no gradient is wanted (inference): the same products, without
+    an autograd node or anything kept for a backward."""
+    x, W, bias, A, B = (_cast(t, dtype) for t in (x, _made(weight), bias, A, B))
+    return _fused_forward(x, W, bias, A, B, scaling, dropout_keep(x, p) if p > 0 else None, p, w_in_out)[0]
+
+
+def _needs_graph(*tensors: Optional[Tensor]) -> bool:
+    """Whether an op on these inputs must record autograd history."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _made(weight: WeightSource) -> Tensor:
+    """The weight tensor of a `WeightSource`."""
+    return weight() if callable(weight) else weight
+
+
 def _cast(t: Optional[Tensor], dtype: Optional[torch.dtype]) -> Optional[Tensor]:
-    """t in `dtype` (no copy when it already is in it), or t itself when either is None."""
-    return t if t is None or dtype is None else t.to(dtype)
+    """t in `dtype`, or t itself when either is None or it already is in it."""
+    return t if t is None or dtype is None or t.dtype == dtype else t.to(dtype)
 
 
 def fused_dtype(x: Tensor, A: Tensor) -> Optional[torch.dtype]:
@@ -193,7 +218,8 @@ def fused_lora_linear(x: Tensor, weight: WeightSource, bias, A: Tensor, B: Tenso
     """A frozen linear layer plus one LoRA adapter, for x [..., in] -> [..., out] (see
     `_FusedLoraLinear`). `p` is the adapter's dropout probability (0 outside training); `dtype`
     the compute dtype (`fused_dtype`; None: x's own)."""
-    return _on_rows(_FusedLoraLinear.apply, x, weight, bias, A, B, scaling, p, w_in_out, dtype)
+    fn = _FusedLoraLinear.apply if _needs_graph(x, bias, A, B) else _fused_without_graph
+    return _on_rows(fn, x, weight, bias, A, B, scaling, p, w_in_out, dtype)
 
 
 class _FrozenLinear(torch.autograd.Function):
@@ -221,12 +247,15 @@ class _FrozenLinear(torch.autograd.Function):
 def _remember(ctx, weight: WeightSource) -> Tensor:
     """The weight tensor now; a function that made it is kept as ``ctx.remake`` for the backward."""
     ctx.remake = weight if callable(weight) else None
-    return weight() if ctx.remake else weight
+    return _made(weight)
 
 
 def frozen_linear(x: Tensor, weight: WeightSource, bias=None, w_in_out: bool = False) -> Tensor:
     """``x Wᵀ + b`` for x [..., in] -> [..., out] with a frozen W (see `_FrozenLinear`)."""
-    return _on_rows(_FrozenLinear.apply, x, weight, bias, w_in_out)
+    if _needs_graph(x, bias):
+        return _on_rows(_FrozenLinear.apply, x, weight, bias, w_in_out)
+    W = _made(weight)
+    return _on_rows(mm_t, x, W.T if w_in_out else W, bias)
 
 
 def _on_rows(fn, x: Tensor, *args) -> Tensor:

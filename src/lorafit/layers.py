@@ -195,7 +195,8 @@ class LoraLayer(nn.Module):
     def running(self, route: Route) -> list[str]:
         """The unmerged adapters of this layer that the route's active set names."""
         active = self.active if route.active is None else route.active
-        return [n for n in active if n in self.lora and n not in self.merged]
+        lora, merged = self.lora, self.merged
+        return [n for n in active if n in lora and n not in merged]
 
     def path(self, x: Tensor, route: Route) -> str:
         """How this call is computed: the one place that decides.

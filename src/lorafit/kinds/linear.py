@@ -71,9 +71,10 @@ class LoraLinear(LoraLayer):
         base layer has to run itself (a trainable weight, other module types). Quantised kinds
         may return a function that dequantises it."""
         base = self.base_layer
-        if not (type(base) is nn.Linear or is_hf_conv1d(base)) or base.weight.requires_grad:
+        weight = base.weight
+        if weight.requires_grad or not (type(base) is nn.Linear or is_hf_conv1d(base)):
             return None
-        return base.weight
+        return weight
 
     def forward_gathered(self, x: Tensor, rows: RowAdapters, base: Tensor) -> Tensor:
         """``base_i + s_i · B_i A_i x_i`` for every row i at once: the adapters' factors are
