@@ -135,3 +135,26 @@ def test_fused_and_frozen_linear_without_a_graph_equal_the_autograd_nodes(dtype,
     assert with_graph.dtype == without.dtype == (dtype or torch.float32)
     assert torch.equal(with_graph, without) and torch.equal(base_with_graph, base_without)
     assert torch.equal(base_without, frozen_linear(x.requires_grad_(), W, b, w_in_out=True).detach())
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["bf16 head", "fp32 head under bf16 autocast"])
+def test_chunked_cross_entropy_with_bf16_logits_matches_the_full_logits_loss(autocast):
+    """bf16 logits take the fp32 workspace every chunk reuses (a ragged last chunk, a bias): the
+    loss and dL/dh of HF's loss on full logits upcast to fp32, and the same loss without a graph."""
+    torch.manual_seed(0)
+    dtype = torch.float32 if autocast else torch.bfloat16
+    hidden = torch.randn(700, 256, dtype=dtype, requires_grad=True)
+    head, bias = (torch.randn(3000, 256) / 16).to(dtype), torch.randn(3000).to(dtype)
+    targets = torch.randint(0, 3000, (700,))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        got = linear_cross_entropy(hidden, head, bias, targets, chunk=256)
+        (g_got,) = torch.autograd.grad(got, hidden)
+        logits = torch.addmm(bias, hidden, head.T)
+        want = F.cross_entropy(logits.float(), targets, reduction="sum")
+        (g_want,) = torch.autograd.grad(want, hidden)
+        with torch.no_grad():
+            no_graph = linear_cross_entropy(hidden, head, bias, targets, chunk=256)
+    assert logits.dtype == torch.bfloat16 and got.dtype == torch.float32
+    assert abs(got.item() - want.item()) <= 1e-5 * want.item()
+    assert no_graph.item() == got.item()
+    assert g_got.dtype == hidden.dtype and _rel(g_got, g_want.double()) < 1e-3

@@ -264,16 +264,34 @@ def _on_rows(fn, x: Tensor, *args) -> Tensor:
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
-def _chunk_cross_entropy(h: Tensor, weight: Tensor, bias, t: Tensor, want_grad: bool):
-    """Summed CE of one chunk of rows, and (if `want_grad`) dL/dh for it: ``(softmax − onehot) W``."""
-    log_probs = torch.log_softmax(mm_t(h, weight, bias).float(), dim=-1)  # (c, V)
+def _chunk_cross_entropy(h: Tensor, weight: Tensor, bias, t: Tensor, want_grad: bool, work: Optional[Tensor]):
+    """Summed CE of one chunk of rows, and (if `want_grad`) dL/dh for it: ``(softmax − onehot) W``.
+
+    The fp32 log-probabilities are formed in place: in the logits when they are fp32, else in
+    `work` (`_log_prob_workspace`, reused by every chunk of a call), so that a chunk allocates
+    only its logits; the gradient goes back to the logits' dtype in their own memory."""
+    logits = mm_t(h, weight, bias)  # (c, V)
+    if logits.dtype == torch.float32:
+        log_probs = logits
+    else:
+        log_probs = logits.float() if work is None else work[:h.shape[0]].copy_(logits)
+    torch.log_softmax(log_probs, dim=-1, out=log_probs)
     rows = torch.arange(h.shape[0], device=h.device)
     loss = -log_probs[rows, t].sum()
     if not want_grad:
         return loss, None
     probs = log_probs.exp_()  # softmax, in place
     probs[rows, t] -= 1.0
-    return loss, mm_t(probs.to(weight.dtype), weight.T).to(h.dtype)
+    grad_logits = probs if probs is logits else logits.copy_(probs)
+    return loss, mm_t(grad_logits, weight.T).to(h.dtype)
+
+
+def _log_prob_workspace(hidden: Tensor, weight: Tensor, rows: int) -> Optional[Tensor]:
+    """An fp32 buffer for the log-probabilities of `rows` rows of logits ``hidden Wᵀ``, or None
+    when the logits come out in fp32 (autocast's dtype, or else the operands')."""
+    if fused_dtype(hidden, weight) in (torch.float32, None):
+        return None
+    return torch.empty((rows, weight.shape[0]), dtype=torch.float32, device=hidden.device)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -291,9 +309,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, chunk):
         grad_hidden = torch.empty_like(hidden)
         total = hidden.new_zeros((), dtype=torch.float32)
+        work = _log_prob_workspace(hidden, weight, min(chunk, hidden.shape[0]))
         for start in range(0, hidden.shape[0], chunk):
             loss, grad = _chunk_cross_entropy(hidden[start:start + chunk], weight, bias,
-                                              targets[start:start + chunk], want_grad=True)
+                                              targets[start:start + chunk], True, work)
             total += loss
             grad_hidden[start:start + chunk] = grad
         ctx.save_for_backward(grad_hidden)
@@ -325,6 +344,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, bias, targets: Tensor,
         logits = hidden @ weight.T if bias is None else torch.addmm(bias, hidden, weight.T)
         return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
     if not (torch.is_grad_enabled() and hidden.requires_grad):
-        return sum((_chunk_cross_entropy(hidden[i:i + chunk], weight, bias, targets[i:i + chunk], False)[0]
+        work = _log_prob_workspace(hidden, weight, min(chunk, hidden.shape[0]))
+        return sum((_chunk_cross_entropy(hidden[i:i + chunk], weight, bias, targets[i:i + chunk], False, work)[0]
                     for i in range(0, hidden.shape[0], chunk)), hidden.new_zeros((), dtype=torch.float32))
     return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk)
