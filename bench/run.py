@@ -227,13 +227,24 @@ def worker_train(side, size, workdir, quantize=None, precision="fp32", loss="tra
     step = _train_step(side, wrapped, ids, device, dtype, loss)
     with memory:
         step()  # warm-up (allocator, optimizer state)
+        faults = _minor_faults()
         seconds = _timed(step, s["steps"], device)
+        faults = (_minor_faults() - faults) / s["steps"]
     tokens = s["batch"] * s["seq"]
     bound = {"bound_s": own_floor + products, "step_over_bound": seconds / (own_floor + products)} if products else {}
     return {"step_s": seconds, "forward_s": forward, "step_over_2fwd": seconds / (2 * forward),
             "step_over_frozen": seconds / floor,
             "step_over_2fwd_wrapped": seconds / (2 * wrapped_forward), "tokens_per_s": tokens / seconds,
-            "peak_mem_mb": memory.above_window_mb, "peak_total_mb": memory.above_start_mb, **bound, **facts}
+            "peak_mem_mb": memory.above_window_mb, "peak_total_mb": memory.above_start_mb,
+            "page_faults_per_step": faults, **bound, **facts}
+
+
+def _minor_faults() -> int:
+    """Minor page faults of this process so far: memory the kernel had to map in (for a train
+    step, mostly what glibc returned to it at the end of the previous step)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def _forward_time(model, ids, iters, device, **kwargs):
@@ -730,6 +741,7 @@ ROWS = [
     Row("train step, bf16 base / its bound (frozen base with the same loss + LoRA products alone)",
         _get("train_bf16", "step_over_bound")),
     Row("model(labels=) step, bf16 autocast / its bound (as above)", _get("step_labels_autocast", "step_over_bound")),
+    Row("train step, bf16 base: page faults per step", _get("train_bf16", "page_faults_per_step")),
     Row("train step, bf16 base: peak memory above the model (MB)", _get("train_bf16", "peak_mem_mb")),
     Row("model(labels=) step, bf16 autocast: peak memory above the model (MB)",
         _get("step_labels_autocast", "peak_mem_mb")),
