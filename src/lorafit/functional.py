@@ -134,10 +134,8 @@ class _FusedLoraLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, A, B, scaling, p, w_in_out, dtype):
         ctx.dtypes = x.dtype, A.dtype, B.dtype, None if bias is None else bias.dtype
         source = _remember(ctx, weight)
-        x, W, bias, A, B = (_cast(t, dtype) for t in (x, source, bias, A, B))
-        keep = dropout_keep(x, p) if p > 0 else None
-        y, h = _fused_forward(x, W, bias, A, B, scaling, keep, p, w_in_out)
-        ctx.save_for_backward(x, keep, h, A, B, None if ctx.remake else source)
+        y, saved = _fused_forward(x, source, bias, A, B, scaling, p, w_in_out, dtype)
+        ctx.save_for_backward(*saved, None if ctx.remake else source)
         ctx.scaling, ctx.p, ctx.w_in_out, ctx.dtype = scaling, p, w_in_out, dtype
         return y
 
@@ -168,23 +166,24 @@ class _FusedLoraLinear(torch.autograd.Function):
         return grad_x, None, grad_bias, grad_a, grad_bb, None, None, None, None
 
 
-def _fused_forward(x: Tensor, W: Tensor, bias, A: Tensor, B: Tensor, scaling: float, keep: Optional[Tensor],
-                   p: float, w_in_out: bool) -> tuple[Tensor, Tensor]:
-    """`_FusedLoraLinear`'s output y [N, out] and its scaled rank-r activation
-    ``h = s · x_d Aᵀ`` [N, r], every operand already in the compute dtype; `keep` is the dropout
-    mask or None."""
+def _fused_forward(x: Tensor, W: Tensor, bias, A: Tensor, B: Tensor, scaling: float, p: float, w_in_out: bool,
+                   dtype: Optional[torch.dtype]) -> tuple[Tensor, tuple]:
+    """`_FusedLoraLinear`'s output y [N, out], and what its backward needs: x, the dropout mask
+    (or None), the scaled rank-r activation ``h = s · x_d Aᵀ`` [N, r], A and B, each in the
+    compute dtype `dtype`."""
+    x, W, bias, A, B = (_cast(t, dtype) for t in (x, W, bias, A, B))
+    keep = dropout_keep(x, p) if p > 0 else None
     xd = x if keep is None else dropped(x, keep, p)
     h = mm_t(xd, A).mul_(scaling)
     y = mm_t(x, W.T if w_in_out else W, bias)
     y.addmm_(h, B.T)
-    return y, h
+    return y, (x, keep, h, A, B)
 
 
 def _fused_without_graph(x, weight, bias, A, B, scaling, p, w_in_out, dtype):
     """`_FusedLoraLinear` where no gradient is wanted (inference): the same products, without
     an autograd node or anything kept for a backward."""
-    x, W, bias, A, B = (_cast(t, dtype) for t in (x, _made(weight), bias, A, B))
-    return _fused_forward(x, W, bias, A, B, scaling, dropout_keep(x, p) if p > 0 else None, p, w_in_out)[0]
+    return _fused_forward(x, _made(weight), bias, A, B, scaling, p, w_in_out, dtype)[0]
 
 
 def _needs_graph(*tensors: Optional[Tensor]) -> bool:
@@ -231,7 +230,7 @@ class _FrozenLinear(torch.autograd.Function):
         W = _remember(ctx, weight)
         ctx.save_for_backward(None if ctx.remake else W)
         ctx.w_in_out = w_in_out
-        return mm_t(x, W.T if w_in_out else W, bias)
+        return _frozen_forward(x, W, bias, w_in_out)
 
     @staticmethod
     def backward(ctx, g):
@@ -254,8 +253,12 @@ def frozen_linear(x: Tensor, weight: WeightSource, bias=None, w_in_out: bool = F
     """``x Wᵀ + b`` for x [..., in] -> [..., out] with a frozen W (see `_FrozenLinear`)."""
     if _needs_graph(x, bias):
         return _on_rows(_FrozenLinear.apply, x, weight, bias, w_in_out)
-    W = _made(weight)
-    return _on_rows(mm_t, x, W.T if w_in_out else W, bias)
+    return _on_rows(_frozen_forward, x, _made(weight), bias, w_in_out)
+
+
+def _frozen_forward(x: Tensor, W: Tensor, bias, w_in_out: bool) -> Tensor:
+    """`_FrozenLinear`'s output, x [N, in] -> [N, out], W laid out as stored."""
+    return mm_t(x, W.T if w_in_out else W, bias)
 
 
 def _on_rows(fn, x: Tensor, *args) -> Tensor:
@@ -286,12 +289,12 @@ def _chunk_cross_entropy(h: Tensor, weight: Tensor, bias, t: Tensor, want_grad: 
     return loss, mm_t(grad_logits, weight.T).to(h.dtype)
 
 
-def _log_prob_workspace(hidden: Tensor, weight: Tensor, rows: int) -> Optional[Tensor]:
-    """An fp32 buffer for the log-probabilities of `rows` rows of logits ``hidden Wᵀ``, or None
-    when the logits come out in fp32 (autocast's dtype, or else the operands')."""
+def _log_prob_workspace(hidden: Tensor, weight: Tensor, chunk: int) -> Optional[Tensor]:
+    """An fp32 buffer for the log-probabilities of one `chunk` of the logits ``hidden Wᵀ``, or
+    None when the logits come out in fp32 (autocast's dtype, or else the operands')."""
     if fused_dtype(hidden, weight) in (torch.float32, None):
         return None
-    return torch.empty((rows, weight.shape[0]), dtype=torch.float32, device=hidden.device)
+    return torch.empty((min(chunk, hidden.shape[0]), weight.shape[0]), dtype=torch.float32, device=hidden.device)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -309,7 +312,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, chunk):
         grad_hidden = torch.empty_like(hidden)
         total = hidden.new_zeros((), dtype=torch.float32)
-        work = _log_prob_workspace(hidden, weight, min(chunk, hidden.shape[0]))
+        work = _log_prob_workspace(hidden, weight, chunk)
         for start in range(0, hidden.shape[0], chunk):
             loss, grad = _chunk_cross_entropy(hidden[start:start + chunk], weight, bias,
                                               targets[start:start + chunk], True, work)
@@ -344,7 +347,7 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, bias, targets: Tensor,
         logits = hidden @ weight.T if bias is None else torch.addmm(bias, hidden, weight.T)
         return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
     if not (torch.is_grad_enabled() and hidden.requires_grad):
-        work = _log_prob_workspace(hidden, weight, min(chunk, hidden.shape[0]))
+        work = _log_prob_workspace(hidden, weight, chunk)
         return sum((_chunk_cross_entropy(hidden[i:i + chunk], weight, bias, targets[i:i + chunk], False, work)[0]
                     for i in range(0, hidden.shape[0], chunk)), hidden.new_zeros((), dtype=torch.float32))
     return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk)
