@@ -218,7 +218,9 @@ def worker_train(side, size, workdir, quantize=None, precision="fp32", loss="tra
     products = _lora_products_time(model, ids.numel(), s["steps"], device, dtype) if dtype != torch.float32 else None
     floor = _frozen_step_time(model, ids, s["steps"], device, dtype)
     trainer = side == "lorafit" and loss == "trainer"
-    own_floor = _frozen_step_time(model, ids, s["steps"], device, dtype, trainer) if products and trainer else floor
+    own_floor = floor
+    if products and side == "lorafit":
+        own_floor = _frozen_step_time(model, ids, s["steps"], device, dtype, trainer, lean=True)
     wrapped = _wrap(side, model).train()
     for param in wrapped.parameters():
         if param.requires_grad:
@@ -256,19 +258,26 @@ def _forward_time(model, ids, iters, device, **kwargs):
         return _timed(lambda: model(input_ids=ids, **kwargs), iters, device)
 
 
-def _frozen_step_time(model, ids, iters, device, dtype, trainer=False):
+def _frozen_step_time(model, ids, iters, device, dtype, trainer=False, lean=False):
     """Median seconds of forward and backward on the plain base with every weight frozen (the
     input embeddings take the gradient), with `_mean_loss` (``model(labels=)``, or lorafit's
     trainer loss with `trainer`), under autocast when `dtype` is not fp32: what any LoRA step on
-    this base costs before its adapters, the floor of its time."""
+    this base costs before its adapters, the floor of its time. With `lean`, ``model(labels=)``
+    computes its loss with `lorafit.functional.causal_lm_loss`, as once lorafit wraps the model."""
+    from lorafit.functional import causal_lm_loss
+
     model.requires_grad_(False)
     embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+    if lean:
+        model.loss_function = causal_lm_loss
 
     def run():
         _mean_loss(model, {"inputs_embeds": embeds}, ids, device, dtype, trainer).backward()
 
     run()
     seconds = _timed(run, iters, device)
+    if lean:
+        del model._loss_function
     del embeds
     _release_freed_memory()  # so that the train step's memory window does not reuse what this freed
     return seconds
@@ -858,7 +867,8 @@ def _notes(results: dict) -> list[str]:
               if "bound_s" in cases.get(case, {}).get("lorafit", {})]
     if bounds:
         notes.append("\"its bound\" adds to that frozen step, taken with the side's own loss (lorafit's trainer "
-                     "computes the loss from hidden states in chunks), the LoRA products of the step timed alone "
+                     "computes the loss from hidden states in chunks; `model(labels=)` on a model lorafit wraps, "
+                     "from the logits in chunks, `causal_lm_loss`), the LoRA products of the step timed alone "
                      "(6 per layer, rank 16, `_lora_products_time`): no adapter code runs below it, since the "
                      "base's products run in the same kernels for both. " + "; ".join(
                          f"{case}: lorafit's bound is {c['lorafit']['bound_s'] / c['peft']['step_s']:.2f} x PEFT's "

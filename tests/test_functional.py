@@ -2,7 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lorafit.functional import delta_weight, linear_cross_entropy
+import lorafit.functional
+from lorafit.functional import causal_lm_loss, delta_weight, linear_cross_entropy
 
 
 def test_delta_weight_is_scaled_product():
@@ -49,6 +50,58 @@ def test_linear_cross_entropy_without_grad_gives_the_same_value():
         got = linear_cross_entropy(hidden, weight, None, targets, chunk=4)
     want = F.cross_entropy(hidden @ weight.T, targets, reduction="sum")
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("num_items", [None, 97, "tensor", "shift_labels"])
+def test_causal_lm_loss_equals_transformers_loss(monkeypatch, dtype, num_items):
+    """Against transformers' own ForCausalLMLoss, in several chunks (the last one ragged), with
+    ignored labels, `num_items_in_batch` (int or tensor) or given `shift_labels`: the loss within
+    an ulp; the gradient of ``loss.backward()`` bit for bit in bf16/fp16 (both form it in fp32 and
+    round once) and within an ulp in fp32; scaled by 3 (a second rounding) within two ulps."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    monkeypatch.setattr(lorafit.functional, "LOGITS_CHUNK", 7 * 300)
+    torch.manual_seed(0)
+    logits = (torch.randn(3, 17, 300) * 4).to(dtype).requires_grad_()
+    labels = torch.randint(0, 300, (3, 17))
+    labels[0, :5] = -100
+    labels[2, 12:] = -100
+    kwargs = {"num_items_in_batch": {None: None, 97: 97, "tensor": torch.tensor(97)}.get(num_items)}
+    if num_items == "shift_labels":
+        kwargs = {"shift_labels": torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:].flip(0)}
+    want = ForCausalLMLoss(logits, labels, 300, **kwargs)
+    got = causal_lm_loss(logits, labels, 300, **kwargs)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    (g_want,) = torch.autograd.grad(want, logits)
+    (g_got,) = torch.autograd.grad(got, logits, retain_graph=True)
+    assert g_got.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(g_got, g_want, rtol=1e-6, atol=1e-9)
+    else:
+        assert torch.equal(g_got, g_want)
+    (g_scaled,) = torch.autograd.grad(got * 3.0, logits)
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(g_scaled.float(), 3.0 * g_want.float(), rtol=2 * eps, atol=2 * eps * torch.finfo(dtype).tiny)
+    with torch.no_grad():
+        torch.testing.assert_close(causal_lm_loss(logits, labels, 300, **kwargs), want, rtol=1e-6, atol=0)
+
+
+def test_causal_lm_loss_keeps_only_the_gradient_in_the_logits_dtype():
+    """For backward it keeps one tensor: dL/dlogits in the logits' dtype (bf16 here), where a
+    cross-entropy on upcast logits keeps fp32 copies of them."""
+    logits = torch.randn(2, 16, 500, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, 500, (2, 16))
+    saved = []
+
+    def pack(t):
+        saved.append((tuple(t.shape), t.dtype))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        causal_lm_loss(logits, labels)
+    assert saved == [((32, 500), torch.bfloat16)]
 
 
 # -- the kernels at real layer sizes, where oneDNN takes over, against fp64 -----------------------

@@ -239,6 +239,37 @@ def test_wrap_refuses_non_config():
         lorafit.wrap(tiny_llama(), {"r": 2})
 
 
+def test_causal_lms_get_the_lean_loss_and_unload_gives_it_back():
+    """A wrapped Hugging Face causal LM computes ``model(labels=)`` with `causal_lm_loss`: under
+    bf16 autocast the same loss and input-embedding gradient as transformers' loss on a copy of
+    the plain model (a fresh adapter changes nothing); `unload` restores transformers' loss. A
+    classifier, and a model given its own loss function, keep theirs."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    base = tiny_llama()
+    plain = copy.deepcopy(base)
+    model = lorafit.wrap(base, LoraConfig(r=4, target_modules="all-linear"))
+    assert base.loss_function is lorafit.functional.causal_lm_loss
+    labels = IDS.clone()
+    labels[:, :3] = -100
+    results = []
+    for m in (plain, model):
+        m.get_input_embeddings().weight.requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = m(input_ids=IDS, labels=labels).loss
+        loss.backward()
+        results.append((loss, m.get_input_embeddings().weight.grad))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-6, atol=0)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-5, atol=1e-7)
+    assert model.unload().loss_function is ForCausalLMLoss
+
+    custom = tiny_gpt2()
+    custom.loss_function = own = lambda logits, labels, **_: logits.float().mean()
+    assert lorafit.wrap(custom, LoraConfig(r=2, target_modules=["c_attn"])).loss_function is own
+    classifier = lorafit.wrap(tiny_bert_cls(), LoraConfig(r=2, target_modules=["query"]))
+    assert "_loss_function" not in classifier.model.__dict__
+
+
 def test_drops_into_a_hugging_face_trainer(tmp_path):
     from transformers import Trainer, TrainingArguments
 

@@ -277,16 +277,30 @@ def _chunk_cross_entropy(h: Tensor, weight: Tensor, bias, t: Tensor, want_grad: 
     if logits.dtype == torch.float32:
         log_probs = logits
     else:
-        log_probs = logits.float() if work is None else work[:h.shape[0]].copy_(logits)
-    torch.log_softmax(log_probs, dim=-1, out=log_probs)
-    rows = torch.arange(h.shape[0], device=h.device)
-    loss = -log_probs[rows, t].sum()
+        log_probs = torch.empty(logits.shape, dtype=torch.float32, device=h.device) if work is None else work[:h.shape[0]]
+    loss = _nll_in_place(logits, log_probs, t, None, want_grad)
     if not want_grad:
         return loss, None
-    probs = log_probs.exp_()  # softmax, in place
-    probs[rows, t] -= 1.0
-    grad_logits = probs if probs is logits else logits.copy_(probs)
+    grad_logits = log_probs if log_probs is logits else logits.copy_(log_probs)
     return loss, mm_t(grad_logits, weight.T).to(h.dtype)
+
+
+def _nll_in_place(logits: Tensor, out: Tensor, t: Tensor, valid: Optional[Tensor], want_grad: bool) -> Tensor:
+    """``Σ_i −log softmax(logits_i)[t_i]`` over rows i of logits [c, V] (any float dtype), from
+    fp32 log-probabilities written to `out` [c, V] (fp32; may be `logits` itself). With
+    `want_grad`, `out` then holds the gradient of that sum: ``softmax − onehot(t)``. Rows where
+    `valid` [c] (bool, or None: all) is False add nothing and get a zero gradient; their t must
+    still index the vocabulary."""
+    torch.log_softmax(logits if logits.dtype == out.dtype else out.copy_(logits), dim=-1, out=out)
+    rows = torch.arange(out.shape[0], device=out.device)
+    picked = out[rows, t]
+    loss = -(picked if valid is None else picked.where(valid, 0.0)).sum()
+    if want_grad:
+        out.exp_()  # softmax, in place
+        out[rows, t] -= 1.0
+        if valid is not None:
+            out.masked_fill_(~valid[:, None], 0.0)
+    return loss
 
 
 def _log_prob_workspace(hidden: Tensor, weight: Tensor, chunk: int) -> Optional[Tensor]:
@@ -351,3 +365,72 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, bias, targets: Tensor,
         return sum((_chunk_cross_entropy(hidden[i:i + chunk], weight, bias, targets[i:i + chunk], False, work)[0]
                     for i in range(0, hidden.shape[0], chunk)), hidden.new_zeros((), dtype=torch.float32))
     return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk)
+
+
+# Logits taken at once by `causal_lm_loss`: 2²⁰ fp32 values (4 MiB, within a core's share of the
+# last-level cache), 128 rows of a vocabulary of 8192.
+LOGITS_CHUNK = 1 << 20
+
+
+def _logits_nll(logits: Tensor, targets: Tensor, valid: Tensor, denom, grad: Optional[Tensor]) -> Tensor:
+    """``Σ_valid −log softmax(logits_i)[t_i] / denom`` for logits [N, V], in fp32, `LOGITS_CHUNK`
+    values at a time. With `grad` ([N, V], the logits' dtype) it is filled with the gradient,
+    ``(softmax − onehot) / denom`` on valid rows and 0 elsewhere, formed in fp32 and rounded once."""
+    chunk = max(1, LOGITS_CHUNK // logits.shape[1])
+    direct = grad is not None and grad.dtype == torch.float32
+    work = None if direct else torch.empty((min(chunk, logits.shape[0]), logits.shape[1]), dtype=torch.float32,
+                                           device=logits.device)
+    total = logits.new_zeros((), dtype=torch.float32)
+    for start in range(0, logits.shape[0], chunk):
+        part = slice(start, start + chunk)
+        out = grad[part] if direct else work[:logits[part].shape[0]]
+        total += _nll_in_place(logits[part], out, targets[part], valid[part], grad is not None)
+        if grad is not None:
+            out.div_(denom)
+            if not direct:
+                grad[part].copy_(out)
+    return total / denom
+
+
+class _LogitsCrossEntropy(torch.autograd.Function):
+    """`_logits_nll` as an autograd node: the forward pass keeps the gradient w.r.t. the logits,
+    in their dtype, instead of the fp32 copy of the logits and their log-softmax that a
+    cross-entropy on upcast logits keeps (and its backward's fp32 buffers of the same size). The
+    backward scales it by the incoming gradient: exact for 1 (``loss.backward()``), else rounded a
+    second time in bf16/fp16."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, valid, denom):
+        grad = torch.empty_like(logits)
+        loss = _logits_nll(logits, targets, valid, denom, grad)
+        ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss, None, None, None
+
+
+def causal_lm_loss(logits: Tensor, labels: Tensor, vocab_size: Optional[int] = None, num_items_in_batch=None,
+                   ignore_index: int = -100, shift_labels: Optional[Tensor] = None, **kwargs) -> Tensor:
+    """The next-token cross-entropy of a causal LM, in fp32: position t of logits [..., T, V] is
+    scored against ``labels[..., t+1]`` (or ``shift_labels[..., t]`` when given), targets equal to
+    `ignore_index` are skipped, and the sum is divided by the number of scored targets, or by
+    `num_items_in_batch` when given (gradient accumulation over several batches).
+
+    transformers' ``ForCausalLMLoss`` with the same arguments (and the same ``loss_function``
+    signature; other keyword arguments are ignored, as there), without materialising fp32 logits
+    (`_LogitsCrossEntropy`): lorafit installs it on the Hugging Face causal LMs it wraps."""
+    if shift_labels is None:
+        shift_labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    logits = logits.reshape(-1, vocab_size or logits.shape[-1])
+    targets = shift_labels.reshape(-1).to(logits.device)
+    valid = targets != ignore_index
+    targets = targets.masked_fill(~valid, 0)
+    denom = valid.sum() if num_items_in_batch is None else num_items_in_batch
+    if torch.is_tensor(denom):
+        denom = denom.to(logits.device)
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return _LogitsCrossEntropy.apply(logits, targets, valid, denom)
+    return _logits_nll(logits, targets, valid, denom, None)

@@ -30,6 +30,7 @@ from .atomic import PathLike
 from .combine import CombineReport, combine
 from .config import LoraConfig
 from .errors import AdapterError, ConfigError, MergeError
+from .functional import causal_lm_loss
 from .layers import LoraLayer, LoraWeights, ModulesToSave
 from .quant import dequantize_model
 from .registry import check_targets, find_kind, prepared_config, rewrites_of, selected_variant, target_sources
@@ -49,6 +50,7 @@ class LoraModel(nn.Module):
         self.router = Router()
         self._active: tuple[str, ...] = ()
         model.requires_grad_(False)
+        _install_causal_lm_loss(model)
         if config is not None:
             self.add_adapter(adapter_name, config)
             self.set_adapter(adapter_name)
@@ -292,6 +294,8 @@ class LoraModel(nn.Module):
             replace_module(self.model, name, plain)
         self.peft_config.clear()
         self._active = ()
+        if self.model.__dict__.get("_loss_function") is causal_lm_loss:
+            del self.model._loss_function  # back to transformers' own
         return self.model
 
     # -- routing ---------------------------------------------------------------------------------
@@ -391,6 +395,18 @@ def load(model: nn.Module, path: PathLike, adapter_name: str = "default", *, tra
     if not trainable:
         lora_model.eval()
     return lora_model
+
+
+def _install_causal_lm_loss(model: nn.Module) -> None:
+    """Give a Hugging Face causal LM whose ``loss_function`` is transformers' ``ForCausalLMLoss``
+    lorafit's `causal_lm_loss`: ``model(input_ids, labels=...)`` returns the same loss and
+    gradients without fp32 copies of the logits (`unload` puts the original back). Other models,
+    and models given their own loss function, are left as they are."""
+    state = model.__dict__
+    if state.get("loss_type") != "ForCausalLM" or "_loss_function" in state:
+        return
+    if getattr(model.loss_function, "__name__", None) == "ForCausalLMLoss":
+        model.loss_function = causal_lm_loss
 
 
 def _finite(weights: LoraWeights) -> bool:
