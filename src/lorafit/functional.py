@@ -267,22 +267,15 @@ def _on_rows(fn, x: Tensor, *args) -> Tensor:
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
-def _chunk_cross_entropy(h: Tensor, weight: Tensor, bias, t: Tensor, want_grad: bool, work: Optional[Tensor]):
+def _chunk_cross_entropy(h: Tensor, weight: Tensor, bias, t: Tensor, want_grad: bool):
     """Summed CE of one chunk of rows, and (if `want_grad`) dL/dh for it: ``(softmax − onehot) W``.
-
-    The fp32 log-probabilities are formed in place: in the logits when they are fp32, else in
-    `work` (`_log_prob_workspace`, reused by every chunk of a call), so that a chunk allocates
-    only its logits; the gradient goes back to the logits' dtype in their own memory."""
+    The logits' gradient takes their place in their own memory (`_logits_nll`), so a chunk
+    allocates only its logits."""
     logits = mm_t(h, weight, bias)  # (c, V)
-    if logits.dtype == torch.float32:
-        log_probs = logits
-    else:
-        log_probs = torch.empty(logits.shape, dtype=torch.float32, device=h.device) if work is None else work[:h.shape[0]]
-    loss = _nll_in_place(logits, log_probs, t, None, want_grad)
+    loss = _logits_nll(logits, t, None, None, logits if want_grad else None)
     if not want_grad:
         return loss, None
-    grad_logits = log_probs if log_probs is logits else logits.copy_(log_probs)
-    return loss, mm_t(grad_logits, weight.T).to(h.dtype)
+    return loss, mm_t(logits, weight.T).to(h.dtype)
 
 
 def _nll_in_place(logits: Tensor, out: Tensor, t: Tensor, valid: Optional[Tensor], want_grad: bool) -> Tensor:
@@ -303,14 +296,6 @@ def _nll_in_place(logits: Tensor, out: Tensor, t: Tensor, valid: Optional[Tensor
     return loss
 
 
-def _log_prob_workspace(hidden: Tensor, weight: Tensor, chunk: int) -> Optional[Tensor]:
-    """An fp32 buffer for the log-probabilities of one `chunk` of the logits ``hidden Wᵀ``, or
-    None when the logits come out in fp32 (autocast's dtype, or else the operands')."""
-    if fused_dtype(hidden, weight) in (torch.float32, None):
-        return None
-    return torch.empty((min(chunk, hidden.shape[0]), weight.shape[0]), dtype=torch.float32, device=hidden.device)
-
-
 class _LinearCrossEntropy(torch.autograd.Function):
     """Summed cross-entropy of ``logits = h Wᵀ + b`` against targets, never holding more than one
     chunk of logits. W (the frozen output head) gets no gradient, so dL/dh is computed during
@@ -326,10 +311,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, chunk):
         grad_hidden = torch.empty_like(hidden)
         total = hidden.new_zeros((), dtype=torch.float32)
-        work = _log_prob_workspace(hidden, weight, chunk)
         for start in range(0, hidden.shape[0], chunk):
             loss, grad = _chunk_cross_entropy(hidden[start:start + chunk], weight, bias,
-                                              targets[start:start + chunk], True, work)
+                                              targets[start:start + chunk], True)
             total += loss
             grad_hidden[start:start + chunk] = grad
         ctx.save_for_backward(grad_hidden)
@@ -361,22 +345,24 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, bias, targets: Tensor,
         logits = hidden @ weight.T if bias is None else torch.addmm(bias, hidden, weight.T)
         return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
     if not (torch.is_grad_enabled() and hidden.requires_grad):
-        work = _log_prob_workspace(hidden, weight, chunk)
-        return sum((_chunk_cross_entropy(hidden[i:i + chunk], weight, bias, targets[i:i + chunk], False, work)[0]
+        return sum((_chunk_cross_entropy(hidden[i:i + chunk], weight, bias, targets[i:i + chunk], False)[0]
                     for i in range(0, hidden.shape[0], chunk)), hidden.new_zeros((), dtype=torch.float32))
     return _LinearCrossEntropy.apply(hidden, weight, bias, targets, chunk)
 
 
-# Logits taken at once by `causal_lm_loss`: 2²⁰ fp32 values (4 MiB, within a core's share of the
-# last-level cache), 128 rows of a vocabulary of 8192.
+# Logits whose fp32 log-probabilities `_logits_nll` forms at once on CPU: 2²⁰ values (4 MiB,
+# within a core's share of the last-level cache), 128 rows of a vocabulary of 8192. On a GPU the
+# cost is per kernel launch instead, so it takes `CROSS_ENTROPY_CHUNK` values at once there.
 LOGITS_CHUNK = 1 << 20
 
 
-def _logits_nll(logits: Tensor, targets: Tensor, valid: Tensor, denom, grad: Optional[Tensor]) -> Tensor:
-    """``Σ_valid −log softmax(logits_i)[t_i] / denom`` for logits [N, V], in fp32, `LOGITS_CHUNK`
-    values at a time. With `grad` ([N, V], the logits' dtype) it is filled with the gradient,
-    ``(softmax − onehot) / denom`` on valid rows and 0 elsewhere, formed in fp32 and rounded once."""
-    chunk = max(1, LOGITS_CHUNK // logits.shape[1])
+def _logits_nll(logits: Tensor, targets: Tensor, valid: Optional[Tensor], denom, grad: Optional[Tensor]) -> Tensor:
+    """``Σ −log softmax(logits_i)[t_i] / denom`` over the rows i of logits [N, V] that are `valid`
+    (None: all; `denom` None: 1), in fp32, `LOGITS_CHUNK` values at a time on CPU so that the
+    fp32 log-probabilities stay in cache. With `grad` ([N, V] in the logits' dtype, or the logits
+    themselves) it is filled with the gradient, ``(softmax − onehot) / denom`` on valid rows and 0
+    elsewhere, formed in fp32 and rounded once."""
+    chunk = max(1, (LOGITS_CHUNK if logits.device.type == "cpu" else CROSS_ENTROPY_CHUNK) // logits.shape[1])
     direct = grad is not None and grad.dtype == torch.float32
     work = None if direct else torch.empty((min(chunk, logits.shape[0]), logits.shape[1]), dtype=torch.float32,
                                            device=logits.device)
@@ -384,12 +370,14 @@ def _logits_nll(logits: Tensor, targets: Tensor, valid: Tensor, denom, grad: Opt
     for start in range(0, logits.shape[0], chunk):
         part = slice(start, start + chunk)
         out = grad[part] if direct else work[:logits[part].shape[0]]
-        total += _nll_in_place(logits[part], out, targets[part], valid[part], grad is not None)
+        total += _nll_in_place(logits[part], out, targets[part], None if valid is None else valid[part],
+                               grad is not None)
         if grad is not None:
-            out.div_(denom)
+            if denom is not None:
+                out.div_(denom)
             if not direct:
                 grad[part].copy_(out)
-    return total / denom
+    return total if denom is None else total / denom
 
 
 class _LogitsCrossEntropy(torch.autograd.Function):
