@@ -88,6 +88,17 @@ def test_causal_lm_loss_equals_transformers_loss(monkeypatch, dtype, num_items):
         torch.testing.assert_close(causal_lm_loss(logits, labels, 300, **kwargs), want, rtol=1e-6, atol=0)
 
 
+def test_causal_lm_loss_with_every_label_ignored_is_nan_with_a_zero_gradient_as_transformers():
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    logits = torch.randn(2, 5, 11, requires_grad=True)
+    labels = torch.full((2, 5), -100)
+    for loss_fn in (ForCausalLMLoss, causal_lm_loss):
+        loss = loss_fn(logits, labels, 11)
+        (grad,) = torch.autograd.grad(loss, logits)
+        assert loss.isnan() and torch.equal(grad, torch.zeros_like(grad))
+
+
 def test_causal_lm_loss_keeps_only_the_gradient_in_the_logits_dtype():
     """For backward it keeps one tensor: dL/dlogits in the logits' dtype (bf16 here), where a
     cross-entropy on upcast logits keeps fp32 copies of them."""

@@ -278,12 +278,14 @@ def _chunk_cross_entropy(h: Tensor, weight: Tensor, bias, t: Tensor, want_grad: 
     return loss, mm_t(logits, weight.T).to(h.dtype)
 
 
-def _nll_in_place(logits: Tensor, out: Tensor, t: Tensor, valid: Optional[Tensor], want_grad: bool) -> Tensor:
+def _nll_in_place(logits: Tensor, out: Tensor, t: Tensor, valid: Optional[Tensor], want_grad: bool,
+                  denom=None) -> Tensor:
     """``Σ_i −log softmax(logits_i)[t_i]`` over rows i of logits [c, V] (any float dtype), from
     fp32 log-probabilities written to `out` [c, V] (fp32; may be `logits` itself). With
-    `want_grad`, `out` then holds the gradient of that sum: ``softmax − onehot(t)``. Rows where
-    `valid` [c] (bool, or None: all) is False add nothing and get a zero gradient; their t must
-    still index the vocabulary."""
+    `want_grad`, `out` then holds the gradient of that sum divided by `denom` (None: 1):
+    ``(softmax − onehot(t)) / denom``. Rows where `valid` [c] (bool, or None: all) is False add
+    nothing and get a zero gradient (also when `denom` is 0); their t must still index the
+    vocabulary."""
     torch.log_softmax(logits if logits.dtype == out.dtype else out.copy_(logits), dim=-1, out=out)
     rows = torch.arange(out.shape[0], device=out.device)
     picked = out[rows, t]
@@ -291,6 +293,8 @@ def _nll_in_place(logits: Tensor, out: Tensor, t: Tensor, valid: Optional[Tensor
     if want_grad:
         out.exp_()  # softmax, in place
         out[rows, t] -= 1.0
+        if denom is not None:
+            out.div_(denom)
         if valid is not None:
             out.masked_fill_(~valid[:, None], 0.0)
     return loss
@@ -371,12 +375,9 @@ def _logits_nll(logits: Tensor, targets: Tensor, valid: Optional[Tensor], denom,
         part = slice(start, start + chunk)
         out = grad[part] if direct else work[:logits[part].shape[0]]
         total += _nll_in_place(logits[part], out, targets[part], None if valid is None else valid[part],
-                               grad is not None)
-        if grad is not None:
-            if denom is not None:
-                out.div_(denom)
-            if not direct:
-                grad[part].copy_(out)
+                               grad is not None, denom)
+        if grad is not None and not direct:
+            grad[part].copy_(out)
     return total if denom is None else total / denom
 
 
