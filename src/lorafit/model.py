@@ -1,9 +1,11 @@
 """`LoraModel`: a model with LoRA adapters injected, and `wrap` / `load`, the ways to get one.
 
 `wrap(model, config)` replaces every targeted submodule with a LoRA layer that holds the original
-module as ``base_layer`` (composition); nothing else in the model changes. `LoraModel` forwards
-attribute access and calls to the wrapped model, so it drops into an existing training loop, a
-Hugging Face ``Trainer`` or ``generate()``.
+module as ``base_layer`` (composition). The one other change: a Hugging Face causal LM computes
+``model(labels=)``'s loss with `lorafit.functional.causal_lm_loss` (transformers' values, without
+fp32 copies of the logits) until `unload`. `LoraModel` forwards attribute access and calls to the
+wrapped model, so it drops into an existing training loop, a Hugging Face ``Trainer`` or
+``generate()``.
 
 Routing: every layer of a model shares the model's `lorafit.routing.Router`. `disable_adapter`,
 `adapter_rows` (mixed batches) and `using_adapter` set the route for a block and restore the
