@@ -854,7 +854,9 @@ def _notes(results: dict) -> list[str]:
         notes.append("\"base\" is the plain PyTorch model, whose fp32 `mm` calls MKL (AVX2 code on non-Intel "
                      "CPUs); on x86 lorafit's layers compute their fp32 products with oneDNN's AVX-512 kernels "
                      "(`lorafit.functional.mm_t`), hence lorafit / base below 1.")
-    floors = [(case, cases[case], limit) for case, limit in (("train_bf16", 0.85), ("step_labels_autocast", 0.9))
+    step_targets = [(row.value.case, row.target.limit) for row in ROWS if isinstance(row.value, _get)
+                    and row.value.case in ("train_bf16", "step_labels_autocast") and row.value.metric == "step_s"]
+    floors = [(case, cases[case], limit) for case, limit in step_targets
               if "step_over_frozen" in cases.get(case, {}).get("peft", {})]
     if floors:
         notes.append("\"the frozen base's forward + backward\" is `model(labels=)` on the plain base in the same "
@@ -863,7 +865,7 @@ def _notes(results: dict) -> list[str]:
                          f"{case}: PEFT's step is {c['peft']['step_over_frozen']:.2f}x it, so ≤ {limit:g} x PEFT "
                          f"asks for lorafit's at {limit * c['peft']['step_over_frozen']:.2f}x"
                          for case, c, limit in floors) + ".")
-    bounds = [(case, cases[case], limit) for case, limit in (("train_bf16", 0.85), ("step_labels_autocast", 0.9))
+    bounds = [(case, cases[case], limit) for case, limit in step_targets
               if "bound_s" in cases.get(case, {}).get("lorafit", {})]
     if bounds:
         notes.append("\"its bound\" adds to that frozen step, taken with the side's own loss (lorafit's trainer "
